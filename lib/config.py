@@ -1,0 +1,139 @@
+"""The keys every experiment shares, their defaults, and config resolution.
+
+Experiment modules start from `base_config()` and change values; they never
+add keys the training code does not read, so a locked config catches typos.
+Model depth/width of -1 mean "the registry default for this model" and are
+filled in by `resolve()`, so `config.json` always records what really ran.
+"""
+import json
+from typing import Any, Dict, List
+
+import ml_collections
+
+from lib.errors import UserError
+
+# Keys that change how a run is watched, not what it computes: a workdir may be
+# resumed with different values of these.
+NON_SEMANTIC_KEYS = frozenset({'train.log_every'})
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = 'digits'      # digits | cifar_dir | npz | tfds
+  c.data.path = ''              # directory / file / tfds data_dir
+  c.data.name = ''              # tfds dataset name, e.g. cifar10
+  c.data.val_fraction = 0.1     # held out of the training split, fixed per split_seed
+  c.data.split_seed = 0         # the train/val split does not move with `seed`
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'mlp'
+  c.model.depth = -1            # -1: the model's default (see README table)
+  c.model.width = -1            # -1: the model's default
+  c.model.activation = 'relu'
+  c.model.norm = 'batch'        # batch | layer | group | none
+  c.model.dtype = 'float32'     # compute dtype: float32 | bfloat16 (params stay f32)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = 'momentum'     # sgd momentum nesterov adagrad rmsprop adam adamw
+  c.optim.lr = 0.1              # peak learning rate (after warmup)
+  c.optim.momentum = 0.9        # momentum / nesterov
+  c.optim.rms_decay = 0.9       # rmsprop: decay of the squared-gradient average
+  c.optim.b1 = 0.9              # adam / adamw
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.0    # decoupled: w -= lr * wd * w (AdamW style), kernels only
+  c.optim.clip_norm = 0.0       # global-norm clipping; 0 = off
+
+  c.regularize = ml_collections.ConfigDict()
+  c.regularize.l2 = 0.0         # lambda/2 * sum(w^2) added to the loss
+  c.regularize.decay_all_params = False  # also penalise/decay biases and norm params
+
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.name = 'cosine'    # constant step cosine linear inverse_sqrt
+  c.schedule.warmup_epochs = 0.0
+  c.schedule.milestone_fractions = (0.5, 0.75)  # step schedule: at these fractions of training
+  c.schedule.factor = 0.1       # step schedule: multiply at each milestone
+  c.schedule.final_fraction = 0.0  # cosine/linear: end at lr * final_fraction
+
+  c.augment = ml_collections.ConfigDict()
+  c.augment.crop_padding = 0    # random crop after zero-padding by this; 0 = off
+  c.augment.flip = False        # random horizontal flip
+
+  c.train = ml_collections.ConfigDict()
+  c.train.epochs = 10
+  c.train.batch_size = 128      # global batch, split over devices
+  c.train.eval_every = 0        # steps between evaluations; 0 = once per epoch
+  c.train.eval_batch_size = 500
+  c.train.log_every = 50        # steps between console progress lines
+  return c
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Validates names and fills model defaults; returns a new locked config."""
+  from lib import augment, data, models, optim  # registries
+  config = ml_collections.ConfigDict(config.to_dict())
+  data.SOURCES.get(config.data.source)
+  entry = models.MODELS.get(config.model.name)
+  for key in ('depth', 'width'):
+    if config.model[key] == -1:
+      config.model[key] = entry.defaults[key]
+  if 'fixed_depth' in entry.defaults and config.model.depth != entry.defaults['fixed_depth']:
+    raise UserError(
+        f'model.name={config.model.name} has depth {entry.defaults["fixed_depth"]}, '
+        f'not model.depth={config.model.depth}; use model.name=resnet_cifar to choose the depth')
+  models.ACTIVATIONS.get(config.model.activation)
+  models.NORMS.get(config.model.norm)
+  if config.model.dtype not in ('float32', 'bfloat16'):
+    raise UserError(f'model.dtype={config.model.dtype!r}; valid: bfloat16, float32')
+  optim.OPTIMIZERS.get(config.optim.name)
+  optim.SCHEDULES.get(config.schedule.name)
+  augment.check(config.augment)
+  if not 0.0 <= config.data.val_fraction < 1.0:
+    raise UserError(f'data.val_fraction={config.data.val_fraction} must be in [0, 1)')
+  for key in ('epochs', 'batch_size', 'eval_batch_size', 'log_every'):
+    if config.train[key] <= 0:
+      raise UserError(f'train.{key}={config.train[key]} must be positive')
+  config.lock()
+  return config
+
+
+def flatten(d: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    key = f'{prefix}{k}'
+    if isinstance(v, dict):
+      out.update(flatten(v, key + '.'))
+    else:
+      out[key] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def to_json_dict(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  """A JSON round-trippable dict (tuples become lists)."""
+  return json.loads(json.dumps(config.to_dict(), default=list))
+
+
+def diff(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+  """Keys whose values differ, as 'key: old -> new', ignoring NON_SEMANTIC_KEYS."""
+  a, b = flatten(old), flatten(new)
+  out = []
+  for key in sorted(set(a) | set(b)):
+    if key in NON_SEMANTIC_KEYS:
+      continue
+    if a.get(key, '<absent>') != b.get(key, '<absent>'):
+      out.append(f'{key}: {a.get(key, "<absent>")} -> {b.get(key, "<absent>")}')
+  return out
+
+
+def from_json_dict(d: Dict[str, Any]) -> ml_collections.ConfigDict:
+  """Rebuilds a locked config from config.json (lists back to tuples)."""
+  def fix(x):
+    if isinstance(x, dict):
+      return {k: fix(v) for k, v in x.items()}
+    return tuple(x) if isinstance(x, list) else x
+  config = ml_collections.ConfigDict(fix(d))
+  config.lock()
+  return config

@@ -1,0 +1,113 @@
+"""One config compiled on one mesh: resident data, jitted steps, evaluation.
+
+Shared by the training loop, launch.eval and launch.benchmark, so all three
+run exactly the same compiled code.
+"""
+import functools
+from typing import Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lib import models, optim, sharding, steps
+from lib.errors import UserError
+
+
+def epoch_permutation(seed: int, epoch: int, n: int, steps_per_epoch: int, batch_size: int):
+  """(steps_per_epoch, batch_size) example indices: a fresh shuffle every epoch,
+  a function of (seed, epoch) only (the remainder of n is dropped)."""
+  perm = np.random.default_rng([seed, epoch]).permutation(n)
+  return perm[:steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size).astype(np.int32)
+
+
+class Engine:
+  """Compiled train/eval steps of `config` over `mesh`, with `dataset` on device.
+
+  mean/std default to the dataset's training statistics; evaluation of a
+  restored run passes the statistics recorded with its checkpoint.
+  """
+
+  def __init__(self, config, dataset, mesh, mean=None, std=None):
+    self.config, self.dataset, self.mesh = config, dataset, mesh
+    self.rep = sharding.replicated(mesh)
+    self.mean = np.asarray(dataset.mean if mean is None else mean, np.float32)
+    self.std = np.asarray(dataset.std if std is None else std, np.float32)
+    self.model = models.build(config.model, dataset.num_classes)
+    b = config.train.batch_size
+    sharding.check_batch(b, mesh)
+    self.steps_per_epoch = len(dataset.train[1]) // b
+    if self.steps_per_epoch == 0:
+      raise UserError(f'train.batch_size={b} exceeds the {len(dataset.train[1])} training '
+                      'images; lower it')
+    self.total_steps = config.train.epochs * self.steps_per_epoch
+    self.tx_build, self.lr_multiplier = optim.make(config, self.total_steps, self.steps_per_epoch)
+    self.hparams = {k: sharding.to_global(v, self.rep) for k, v in optim.hparams(config).items()}
+    self._on_device: Dict[str, tuple] = {}
+    train_step = steps.make_train_step(self.model, self.tx_build, config, mesh, self.mean,
+                                       self.std, dataset.num_classes, self.steps_per_epoch)
+    self._train_step = jax.jit(train_step, donate_argnums=(0, 5))
+    n = mesh.devices.size
+    self.eval_batch = -(-config.train.eval_batch_size // n) * n
+
+  # ----- state -----
+  def _init(self, hparams):
+    return steps.init_state(self.model, self.tx_build, hparams, self.config.seed,
+                            self.dataset.image_shape)
+
+  def init_state(self) -> steps.TrainState:
+    return jax.jit(self._init, out_shardings=self.rep)(self.hparams)
+
+  def abstract_state(self) -> steps.TrainState:
+    """Shapes, dtypes and the current (replicated) sharding: a restore target."""
+    shapes = jax.eval_shape(self._init, self.hparams)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.rep), shapes)
+
+  # ----- data on device -----
+  def split_on_device(self, name: str):
+    if name not in self._on_device:
+      images, labels = self.dataset.split(name)
+      self._on_device[name] = (sharding.to_global(images, self.rep),
+                               sharding.to_global(labels, self.rep))
+    return self._on_device[name]
+
+  def epoch_indices(self, epoch: int) -> jax.Array:
+    idx = epoch_permutation(self.config.seed, epoch, len(self.dataset.train[1]),
+                            self.steps_per_epoch, self.config.train.batch_size)
+    return sharding.to_global(idx, sharding.sharded_along(self.mesh, 2, axis=1))
+
+  def zero_sums(self):
+    return {k: sharding.to_global(np.asarray(v), self.rep) for k, v in steps.zero_sums().items()}
+
+  def train_step(self, state, epoch_indices, sums):
+    images, labels = self.split_on_device('train')
+    return self._train_step(state, self.hparams, images, labels, epoch_indices, sums)
+
+  def learning_rate(self, step: int) -> float:
+    return float(self.config.optim.lr * self.lr_multiplier(step))
+
+  # ----- evaluation -----
+  @functools.lru_cache(maxsize=None)
+  def _eval_step(self, tta: str):
+    return jax.jit(steps.make_eval_step(self.model, self.mean, self.std, tta))
+
+  def evaluate(self, state, split: str = 'val', tta: str = 'none') -> Dict[str, float]:
+    """Loss and accuracy over a whole split, in fixed padded batches."""
+    if tta not in ('none', 'flip'):
+      raise UserError(f'unknown tta {tta!r}; valid: flip, none')
+    images, labels = self.split_on_device(split)
+    n = int(labels.shape[0])
+    step_fn = self._eval_step(tta)
+    batch_sharding = sharding.sharded_along(self.mesh, 1)
+    totals = None
+    for start in range(0, n, self.eval_batch):
+      idx = np.arange(start, start + self.eval_batch)
+      mask = idx < n
+      idx = np.where(mask, idx, 0).astype(np.int32)
+      out = step_fn(state, images, labels, sharding.to_global(idx, batch_sharding),
+                    sharding.to_global(mask, batch_sharding))
+      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    totals = jax.device_get(totals)
+    count = int(totals['count'])
+    return {'loss': float(totals['loss']) / count, 'accuracy': float(totals['correct']) / count,
+            'num_examples': count}

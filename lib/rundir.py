@@ -1,0 +1,102 @@
+"""A self-describing run directory.
+
+  W/config.json    the resolved config          W/status.json  running|done|diverged|failed
+  W/metrics.jsonl  one record per evaluation    W/tb/          TensorBoard events
+  W/checkpoints/   Orbax checkpoints            W/archive/     earlier runs moved aside by --fresh
+
+Nothing here deletes results: starting fresh in a used workdir moves the old
+files into W/archive/<timestamp>/.
+"""
+import datetime
+import json
+import os
+import shutil
+from typing import Any, Dict, List
+
+from lib import config as config_lib
+from lib.errors import UserError
+
+RUN_FILES = ('config.json', 'status.json', 'metrics.jsonl', 'tb', 'checkpoints')
+
+
+class RunDir:
+
+  def __init__(self, path: str):
+    self.path = path
+    self.config_path = os.path.join(path, 'config.json')
+    self.status_path = os.path.join(path, 'status.json')
+    self.metrics_path = os.path.join(path, 'metrics.jsonl')
+    self.tb_dir = os.path.join(path, 'tb')
+    self.checkpoint_dir = os.path.join(path, 'checkpoints')
+
+  def has_run(self) -> bool:
+    return os.path.exists(self.config_path)
+
+  def read_config(self) -> Dict[str, Any]:
+    if not self.has_run():
+      raise UserError(f'no run in {self.path}: config.json is missing (is --workdir right?)')
+    with open(self.config_path) as f:
+      return json.load(f)
+
+  def check_config(self, config_dict: Dict[str, Any], fresh: bool) -> bool:
+    """True if the workdir holds a run of this same config (resume). Reads only."""
+    if not self.has_run():
+      return False
+    differences = config_lib.diff(self.read_config(), config_dict)
+    if differences and not fresh:
+      raise UserError(
+          f'workdir {self.path} holds a run of another config ({"; ".join(differences)}); '
+          'use another --workdir, or pass --fresh to archive that run and start over')
+    return not fresh
+
+  def archive(self) -> str:
+    stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S-%f')
+    dest = os.path.join(self.path, 'archive', stamp)
+    os.makedirs(dest)
+    for name in RUN_FILES:
+      if os.path.exists(os.path.join(self.path, name)):
+        shutil.move(os.path.join(self.path, name), os.path.join(dest, name))
+    return dest
+
+  def write_config(self, config_dict: Dict[str, Any]) -> None:
+    os.makedirs(self.path, exist_ok=True)
+    _write_json(self.config_path, config_dict)
+
+  def set_status(self, status: str, reason: str = '', **extra) -> None:
+    record = {'status': status, 'reason': reason,
+              'updated': datetime.datetime.now().isoformat(timespec='seconds'), **extra}
+    _write_json(self.status_path, record)
+
+  def read_status(self) -> Dict[str, Any]:
+    if not os.path.exists(self.status_path):
+      return {}
+    with open(self.status_path) as f:
+      return json.load(f)
+
+  def read_metrics(self) -> List[Dict[str, Any]]:
+    if not os.path.exists(self.metrics_path):
+      return []
+    with open(self.metrics_path) as f:
+      return [json.loads(line) for line in f if line.strip()]
+
+  def append_metrics(self, row: Dict[str, Any]) -> None:
+    with open(self.metrics_path, 'a') as f:
+      f.write(json.dumps(row) + '\n')
+
+  def drop_metrics_after(self, step: int) -> None:
+    """On resume: rows past the restored checkpoint are recomputed, identically."""
+    rows = self.read_metrics()
+    kept = [r for r in rows if r['step'] <= step]
+    if len(kept) != len(rows):
+      tmp = self.metrics_path + '.tmp'
+      with open(tmp, 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in kept)
+      os.replace(tmp, self.metrics_path)
+
+
+def _write_json(path: str, obj: Dict[str, Any]) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write('\n')
+  os.replace(tmp, path)  # atomic: a kill never leaves half a file

@@ -1,0 +1,64 @@
+"""The device mesh and how host arrays become global jax.Arrays on it.
+
+One mesh axis, `data`, over every device of every process (AxisType.Auto, so
+Linen's dropout and BatchNorm work unchanged): the batch is split along it and
+the train state is replicated. Under jit the BatchNorm batch mean is a global
+reduction, so its statistics are over the whole global batch.
+"""
+import os
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+DATA = 'data'
+
+
+def initialize_distributed(mode: str = 'auto') -> None:
+  """Calls jax.distributed.initialize() under a multi-process launcher.
+
+  'auto' does so when SLURM / Open MPI report several tasks or a coordinator
+  address is set (JAX then reads the cluster from the environment).
+  """
+  if mode == 'off':
+    return
+  many = any(int(os.environ.get(k, '1')) > 1 for k in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'))
+  if mode == 'on' or many or os.environ.get('JAX_COORDINATOR_ADDRESS'):
+    jax.distributed.initialize()
+
+
+def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> jax.sharding.Mesh:
+  devices = list(devices if devices is not None else jax.devices())
+  return jax.make_mesh((len(devices),), (DATA,), axis_types=(AxisType.Auto,), devices=devices)
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def sharded_along(mesh, ndim: int, axis: int = 0) -> NamedSharding:
+  spec = [None] * ndim
+  spec[axis] = DATA
+  return NamedSharding(mesh, P(*spec))
+
+
+def to_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """Every process holds the same global `x`; each feeds only its own slice
+  via make_array_from_process_local_data (multi-host ready)."""
+  x = np.asarray(x)
+  index_map = sharding.addressable_devices_indices_map(x.shape)
+  local = []
+  for dim in range(x.ndim):
+    starts = [idx[dim].start or 0 for idx in index_map.values()]
+    stops = [x.shape[dim] if idx[dim].stop is None else idx[dim].stop for idx in index_map.values()]
+    local.append(slice(min(starts), max(stops)))
+  return jax.make_array_from_process_local_data(sharding, x[tuple(local)], x.shape)
+
+
+def check_batch(batch_size: int, mesh, what: str = 'train.batch_size') -> None:
+  from lib.errors import UserError
+  n = mesh.devices.size
+  if batch_size % n:
+    raise UserError(f'{what}={batch_size} is not divisible by the {n} devices; '
+                    f'use a multiple of {n}')

@@ -1,0 +1,159 @@
+"""train_and_evaluate: one run from config to checkpoints, resumable.
+
+Resuming restores the latest checkpoint (saved at evaluation points, where the
+running train metrics restart) and the data order and RNG are functions of
+(seed, epoch) and (seed, step), so a resumed run reproduces an uninterrupted
+one exactly.
+"""
+import time
+from typing import Any, Dict, Optional
+
+import jax
+import numpy as np
+
+from lib import config as config_lib
+from lib import data, engine, sharding
+from lib.checkpoint import Checkpoints
+from lib.metrics import MetricsWriter, echo, format_duration, progress_line
+from lib.rundir import RunDir
+
+
+class Preempted(Exception):
+  """Raised by the `stop_after_step` debug hook, as if the process were killed."""
+
+
+def _is_eval_step(done: int, total: int, steps_per_epoch: int, eval_every: int) -> bool:
+  if done == total:
+    return True
+  return done % (eval_every if eval_every > 0 else steps_per_epoch) == 0
+
+
+def train_and_evaluate(config, workdir: str, *, fresh: bool = False, mesh=None,
+                       stop_after_step: Optional[int] = None, log=echo) -> Dict[str, Any]:
+  """Trains `config` in `workdir` (resuming if it holds this config's run).
+
+  Returns the final status record. Bad input raises UserError before anything
+  is written to disk.
+  """
+  config = config_lib.resolve(config)
+  config_dict = config_lib.to_json_dict(config)
+  rundir = RunDir(workdir)
+  resume = rundir.check_config(config_dict, fresh)   # reads only
+  dataset = data.load(config.data)                    # may fail: nothing written yet
+  mesh = mesh if mesh is not None else sharding.make_mesh()
+  eng = engine.Engine(config, dataset, mesh)
+  primary = jax.process_index() == 0
+
+  if fresh and rundir.has_run() and primary:
+    log(f'archived the earlier run to {rundir.archive()}')
+  if primary:
+    rundir.write_config(config_dict)
+  checkpoints = Checkpoints(rundir.checkpoint_dir)
+  start, wall_offset = 0, 0.0
+  latest = checkpoints.latest_step() if resume else None
+  if latest is not None:
+    state, meta = checkpoints.restore(latest, eng.abstract_state())
+    start, wall_offset = int(state.step), float(meta['wall_time'])
+    if primary:
+      rundir.drop_metrics_after(start)
+    log(f'resuming {workdir} from step {start}')
+  else:
+    state = eng.init_state()
+
+  total, spe = eng.total_steps, eng.steps_per_epoch
+  if start >= total:
+    log(f'{workdir} already finished ({total} steps)')
+    return rundir.read_status()
+  if primary:
+    rundir.set_status('running', step=start, total_steps=total)
+  writer = MetricsWriter(rundir, purge_step=start + 1 if start else None) if primary else None
+  log(f'training {config.model.name} on {config.data.source} '
+      f'({len(dataset.train[1])} train / {len(dataset.val[1])} val images) for {total} steps '
+      f'on {mesh.devices.size} device(s), batch {config.train.batch_size}')
+
+  meta_base = {'mean': eng.mean.tolist(), 'std': eng.std.tolist(),
+               'num_classes': dataset.num_classes, 'image_shape': list(dataset.image_shape)}
+  batch = config.train.batch_size
+  sums = eng.zero_sums()
+  epoch_indices, current_epoch = None, -1
+  run_start = time.time()
+  window_start, window_examples = time.time(), 0   # for examples/s since the last log
+  train_time = 0.0                                  # excludes evaluation, for the ETA
+  segment_start = time.time()
+  try:
+    for step in range(start, total):
+      if step // spe != current_epoch:
+        current_epoch = step // spe
+        epoch_indices = eng.epoch_indices(current_epoch)
+      state, sums = eng.train_step(state, epoch_indices, sums)
+      done = step + 1
+      window_examples += batch
+      is_eval = _is_eval_step(done, total, spe, config.train.eval_every)
+      if not (is_eval or done % config.train.log_every == 0):
+        continue
+      host = jax.device_get(sums)          # the only sync between evaluations
+      if host['first_nonfinite_step'] >= 0:
+        return _diverged(rundir, checkpoints, writer, int(host['first_nonfinite_step']), log,
+                         primary)
+      now = time.time()
+      train_time += now - segment_start
+      segment_start = now
+      speed = window_examples / max(now - window_start, 1e-9)
+      window_start, window_examples = now, 0
+      steps_done_here = done - start
+      eta = train_time / steps_done_here * (total - done)
+      train_loss = float(host['loss'] / host['steps'])
+      train_acc = float(host['correct'] / host['examples'])
+      log(progress_line(done, total, spe, train_loss, train_acc, eng.learning_rate(step), speed,
+                        eta))
+      if not is_eval:
+        continue
+      val = eng.evaluate(state, 'val')
+      row = {'step': done, 'epoch': done / spe, 'train_loss': train_loss,
+             'train_accuracy': train_acc, 'val_loss': val['loss'],
+             'val_accuracy': val['accuracy'], 'lr': eng.learning_rate(step),
+             'examples_per_sec': speed, 'wall_time': wall_offset + time.time() - run_start}
+      log(f'  eval step {done}: val_loss {val["loss"]:.4f} val_accuracy {val["accuracy"]:.4f}')
+      if primary:
+        writer.write(row)
+      checkpoints.save(done, state, {**meta_base, 'step': done, 'epoch': row['epoch'],
+                                     'wall_time': row['wall_time']},
+                       {'val_accuracy': val['accuracy'], 'val_loss': val['loss']})
+      sums = eng.zero_sums()
+      segment_start = time.time()   # evaluation and saving are not train time
+      window_start = segment_start
+      if stop_after_step is not None and done >= stop_after_step and done < total:
+        checkpoints.wait()
+        raise Preempted(f'stopped after step {done} (stop_after_step)')
+  except (Exception, KeyboardInterrupt) as e:
+    if not isinstance(e, Preempted) and primary:
+      rundir.set_status('failed', f'{type(e).__name__}: {e}')
+    if writer:
+      writer.close()
+    raise
+  checkpoints.wait()
+  best = checkpoints.best_step()
+  rows = {r['step']: r for r in rundir.read_metrics()} if primary else {}
+  best_acc = rows.get(best, {}).get('val_accuracy')
+  final = rows.get(total, {}).get('val_accuracy')
+  status = {'step': total, 'total_steps': total, 'best_step': best,
+            'best_val_accuracy': best_acc, 'final_val_accuracy': final}
+  if primary:
+    rundir.set_status('done', **status)
+    writer.close()
+  log(f'done in {format_duration(time.time() - run_start)}: final val_accuracy {final:.4f}, '
+      f'best {best_acc:.4f} at step {best}')
+  checkpoints.close()
+  return {'status': 'done', **status}
+
+
+def _diverged(rundir, checkpoints, writer, step: int, log, primary) -> Dict[str, Any]:
+  reason = (f'loss is not finite at step {step}; kept the last good checkpoint '
+            f'(step {checkpoints.latest_step()}); lower optim.lr or set optim.clip_norm')
+  checkpoints.wait()
+  if primary:
+    rundir.set_status('diverged', reason, step=step)
+    writer.close()
+  log(f'diverged: {reason}')
+  checkpoints.close()
+  return {'status': 'diverged', 'reason': reason, 'step': step}
