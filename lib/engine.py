@@ -25,18 +25,21 @@ class Engine:
   """Compiled train/eval steps of `config` over `mesh`, with `dataset` on device.
 
   mean/std default to the dataset's training statistics; evaluation of a
-  restored run passes the statistics recorded with its checkpoint.
+  restored run passes the statistics recorded with its checkpoint (eval_only).
   """
 
-  def __init__(self, config, dataset, mesh, mean=None, std=None):
+  def __init__(self, config, dataset, mesh, mean=None, std=None, eval_only=False):
     self.config, self.dataset, self.mesh = config, dataset, mesh
     self.rep = sharding.replicated(mesh)
     self.mean = np.asarray(dataset.mean if mean is None else mean, np.float32)
     self.std = np.asarray(dataset.std if std is None else std, np.float32)
     self.model = models.build(config.model, dataset.num_classes)
     b = config.train.batch_size
-    sharding.check_batch(b, mesh)
     self.steps_per_epoch = len(dataset.train[1]) // b
+    if eval_only:   # the training batch need not fit this data or these devices
+      self.steps_per_epoch = max(self.steps_per_epoch, 1)
+    else:
+      sharding.check_batch(b, mesh)
     if self.steps_per_epoch == 0:
       raise UserError(f'train.batch_size={b} exceeds the {len(dataset.train[1])} training '
                       'images; lower it')

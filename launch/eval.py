@@ -1,0 +1,30 @@
+"""Evaluate a checkpoint: python -m launch.eval --workdir=W [--checkpoint=best|latest|STEP]
+[--split=val|test] [--tta=none|flip] [--data_source=npz|cifar_dir --data_path=P]
+
+Prints one JSON line last: {"accuracy", "loss", "num_examples", "step"}.
+"""
+import json
+
+from absl import flags
+
+from lib import cli, evaluate
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory written by launch.train.')
+_CHECKPOINT = flags.DEFINE_string('checkpoint', 'best', 'best, latest or a step number.')
+_SPLIT = flags.DEFINE_enum('split', 'val', ['val', 'test', 'train'], 'Split to evaluate.')
+_TTA = flags.DEFINE_enum('tta', 'none', ['none', 'flip'], 'Test-time augmentation.')
+_SOURCE = flags.DEFINE_string('data_source', None, 'Evaluate on another data source '
+                              '(npz, cifar_dir, tfds) of the same image shape.')
+_PATH = flags.DEFINE_string('data_path', None, 'Path for --data_source.')
+flags.mark_flag_as_required('workdir')
+
+
+def main(argv):
+  del argv
+  result = evaluate.evaluate_checkpoint(_WORKDIR.value, _CHECKPOINT.value, _SPLIT.value,
+                                        _TTA.value, _SOURCE.value, _PATH.value)
+  print(json.dumps(result), flush=True)
+
+
+if __name__ == '__main__':
+  cli.run(main)

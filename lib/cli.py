@@ -1,0 +1,46 @@
+"""Shared entry-point plumbing: bad input becomes one line on stderr, exit 1."""
+import sys
+
+from absl import app, flags, logging
+
+from lib.errors import UserError
+
+
+def _one_line(e: Exception) -> str:
+  text = str(e).replace('\\n', ' ').replace('\n', ' ').replace('\\', '').replace("'", '')
+  return ' '.join(text.strip('" ').split())
+
+
+def config(holder):
+  """The --config value; a file that failed to load is one clear line."""
+  try:
+    value = holder.value
+    value.keys()   # a config that failed to load raises on first use
+    return value
+  except OSError as e:
+    first = next((l.strip() for l in str(e).splitlines() if 'No such file' in l or 'Error' in l),
+                 str(e).splitlines()[0])
+    raise UserError(f'cannot load --config: {first}') from None
+
+
+def _parse(argv):
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f'error: {_one_line(e)}')
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    # ml_collections raises these for an unknown or mistyped --config.key.
+    overrides = [a for a in argv[1:] if a.startswith('--config.')]
+    sys.exit(f'error: bad config override in {" ".join(overrides) or "--config"}: '
+             f'{_one_line(e)}')
+
+
+def run(main) -> None:
+  def guarded(argv):
+    if not flags.FLAGS['verbosity'].present:
+      logging.set_verbosity(logging.ERROR)   # Orbax/absl INFO lines drown the progress
+    try:
+      return main(argv)
+    except UserError as e:
+      sys.exit(f'error: {e}')
+  app.run(guarded, flags_parser=_parse)

@@ -1,0 +1,46 @@
+"""Restore a run's checkpoint on whatever devices are present and evaluate it."""
+from typing import Any, Dict, Optional
+
+import ml_collections
+import orbax.checkpoint as ocp
+
+from lib import config as config_lib
+from lib import data, engine, sharding
+from lib.checkpoint import Checkpoints
+from lib.errors import UserError
+from lib.rundir import RunDir
+
+
+def evaluate_checkpoint(workdir: str, checkpoint: str = 'best', split: str = 'val',
+                        tta: str = 'none', data_source: Optional[str] = None,
+                        data_path: Optional[str] = None, mesh=None) -> Dict[str, Any]:
+  """Returns {"accuracy", "loss", "num_examples", "step"} for the chosen checkpoint.
+
+  data_source/data_path evaluate on another dataset of the same image shape,
+  normalized with the statistics of the run's own training split.
+  """
+  rundir = RunDir(workdir)
+  config = config_lib.from_json_dict(rundir.read_config())
+  checkpoints = Checkpoints(rundir.checkpoint_dir, read_only=True)
+  step = checkpoints.resolve(checkpoint)
+  meta = checkpoints.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+  if data_source or data_path:
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.data.source = data_source or config.data.source
+    config.data.path = data_path or config.data.path
+    config = config_lib.from_json_dict(config_lib.to_json_dict(config))
+  dataset = data.load(config.data)
+  if list(dataset.image_shape) != list(meta['image_shape']):
+    raise UserError(f'images of shape {dataset.image_shape} do not fit the run, which was '
+                    f'trained on {tuple(meta["image_shape"])}')
+  if dataset.num_classes > meta['num_classes']:
+    raise UserError(f'the data has {dataset.num_classes} classes; the model has '
+                    f'{meta["num_classes"]}')
+  dataset.num_classes = meta['num_classes']
+  mesh = mesh if mesh is not None else sharding.make_mesh()
+  eng = engine.Engine(config, dataset, mesh, mean=meta['mean'], std=meta['std'], eval_only=True)
+  state, _ = checkpoints.restore(step, eng.abstract_state())
+  result = eng.evaluate(state, split, tta)
+  checkpoints.close()
+  return {'accuracy': result['accuracy'], 'loss': result['loss'],
+          'num_examples': result['num_examples'], 'step': step}
