@@ -32,7 +32,9 @@ class Checkpoints:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, best_fn=_best_metric, best_mode='max',
         create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only,
-        enable_async_checkpointing=True)
+        # Synchronous: the train step donates the state buffers right after a save,
+        # and an async save may still be reading them. Saves happen once per eval.
+        enable_async_checkpointing=False)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=('state', 'meta'))
 

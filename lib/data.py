@@ -147,10 +147,11 @@ def _tfds(data_config):
   """Any TFDS image-classification dataset through tfds.data_source (no TensorFlow)."""
   if not data_config.name:
     raise UserError('data.source=tfds needs --config.data.name=<tfds name, e.g. cifar10>')
-  train, num_classes, info = _tfds_split(data_config.name, 'train', data_config.path)
-  test = None
-  if 'test' in info.splits:
+  train, num_classes, _ = _tfds_split(data_config.name, 'train', data_config.path)
+  try:  # not every dataset has a test split
     test = _tfds_split(data_config.name, 'test', data_config.path)[0]
+  except UserError:
+    test = None
   return train, test, num_classes
 
 

@@ -50,6 +50,7 @@ class Engine:
     train_step = steps.make_train_step(self.model, self.tx_build, config, mesh, self.mean,
                                        self.std, dataset.num_classes, self.steps_per_epoch)
     self._train_step = jax.jit(train_step, donate_argnums=(0, 5))
+    self._zero_sums = jax.jit(steps.zero_sums, out_shardings=self.rep)
     n = mesh.devices.size
     self.eval_batch = -(-config.train.eval_batch_size // n) * n
 
@@ -60,6 +61,10 @@ class Engine:
 
   def init_state(self) -> steps.TrainState:
     return jax.jit(self._init, out_shardings=self.rep)(self.hparams)
+
+  def owned(self, tree):
+    """A copy in XLA-owned buffers (safe to donate; a restored array may alias host memory)."""
+    return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=self.rep)(tree)
 
   def abstract_state(self) -> steps.TrainState:
     """Shapes, dtypes and the current (replicated) sharding: a restore target."""
@@ -80,7 +85,9 @@ class Engine:
     return sharding.to_global(idx, sharding.sharded_along(self.mesh, 2, axis=1))
 
   def zero_sums(self):
-    return {k: sharding.to_global(np.asarray(v), self.rep) for k, v in steps.zero_sums().items()}
+    # Made by XLA, not from host numpy: these buffers are donated to the step,
+    # and a CPU array built from numpy may alias host memory.
+    return self._zero_sums()
 
   def train_step(self, state, epoch_indices, sums):
     images, labels = self.split_on_device('train')

@@ -53,6 +53,7 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False, mesh=None,
   latest = checkpoints.latest_step() if resume else None
   if latest is not None:
     state, meta = checkpoints.restore(latest, eng.abstract_state())
+    state = eng.owned(state)
     start, wall_offset = int(state.step), float(meta['wall_time'])
     if primary:
       rundir.drop_metrics_after(start)

@@ -1,0 +1,73 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lib import models
+from lib.config import base_config, resolve
+from lib.errors import UserError
+
+
+def build(name, **kw):
+  c = base_config()
+  c.model.name = name
+  c.model.update(kw)
+  c = resolve(c)
+  return models.build(c.model, 10)
+
+
+def count(model, shape=(1, 32, 32, 3)):
+  v = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape)))
+  return sum(x.size for x in jax.tree.leaves(v['params']))
+
+
+@pytest.mark.parametrize('name,millions', [('resnet20', 0.27), ('resnet32', 0.46),
+                                           ('resnet56', 0.85), ('resnet110', 1.7),
+                                           ('resnet18', 11.17)])
+def test_parameter_counts_match_the_literature(name, millions):
+  assert count(build(name)) / 1e6 == pytest.approx(millions, rel=0.02)
+
+
+def test_resnet_cifar_depth_and_width_are_configurable():
+  assert count(build('resnet_cifar', depth=56)) == count(build('resnet56'))
+  assert count(build('resnet_cifar', width=32)) > 3.5 * count(build('resnet20'))
+  with pytest.raises(UserError, match='resnet_cifar'):
+    build('resnet20', depth=32)
+
+
+@pytest.mark.parametrize('norm', ['batch', 'layer', 'group', 'none'])
+@pytest.mark.parametrize('name', ['mlp', 'cnn', 'resnet20'])
+def test_every_model_runs_with_every_norm(name, norm):
+  m = build(name, norm=norm, activation='gelu')
+  x = jnp.ones((2, 8, 8, 3))
+  v = m.init(jax.random.PRNGKey(0), x)
+  out, _ = m.apply(v, x, train=True, mutable=['batch_stats'])
+  assert out.shape == (2, 10) and out.dtype == jnp.float32
+  assert ('batch_stats' in v) == (norm == 'batch')
+
+
+def test_batchnorm_uses_running_averages_at_eval():
+  m = build('cnn')
+  x = jax.random.normal(jax.random.PRNGKey(1), (8, 8, 8, 3))
+  v = m.init(jax.random.PRNGKey(0), x)
+  # Eval output of an example does not depend on the rest of the batch...
+  full = m.apply(v, x, train=False)
+  np.testing.assert_allclose(m.apply(v, x[:2], train=False), full[:2], rtol=1e-5, atol=1e-5)
+  # ...while train mode normalizes with batch statistics, so it does.
+  t_full, _ = m.apply(v, x, train=True, mutable=['batch_stats'])
+  t_part, _ = m.apply(v, x[:2], train=True, mutable=['batch_stats'])
+  assert not np.allclose(t_full[:2], t_part, atol=1e-4)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  m = build('resnet20', dtype='bfloat16')
+  v = m.init(jax.random.PRNGKey(0), jnp.ones((2, 32, 32, 3)))
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(v['params']))
+  assert m.apply(v, jnp.ones((2, 32, 32, 3))).dtype == jnp.float32
+
+
+def test_unknown_names_list_the_valid_ones():
+  with pytest.raises(UserError, match='valid: .*resnet20'):
+    build('resnet21')
+  with pytest.raises(UserError, match='valid: elu, gelu, leaky_relu, relu, sigmoid, tanh'):
+    build('mlp', activation='swish')

@@ -1,0 +1,115 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lib import optim
+from lib.config import base_config
+from lib.errors import UserError
+
+
+def config(**kw):
+  c = base_config()
+  for key, value in kw.items():
+    group, name = key.split('__')
+    c[group][name] = value
+  return c
+
+
+def params():
+  return {'dense': {'kernel': jnp.full((3, 2), 2.0), 'bias': jnp.full((2,), 3.0)},
+          'bn': {'scale': jnp.ones((2,)), 'bias': jnp.zeros((2,))}}
+
+
+def test_schedules_follow_their_formulas():
+  c = config(schedule__name='cosine')
+  f = optim.schedule(c.schedule, 100, 10)
+  assert f(0) == pytest.approx(1.0) and f(50) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)
+  f = optim.schedule(config(schedule__name='linear').schedule, 100, 10)
+  assert f(25) == pytest.approx(0.75)
+  f = optim.schedule(config(schedule__name='step', schedule__milestone_fractions=(0.3, 0.6),
+                            schedule__factor=0.1).schedule, 100, 10)
+  assert [float(f(s)) for s in (29, 30, 59, 60)] == pytest.approx([1, 0.1, 0.1, 0.01])
+  f = optim.schedule(config(schedule__name='constant', schedule__warmup_epochs=1.0).schedule, 100, 10)
+  assert [float(f(s)) for s in (0, 5, 10, 90)] == pytest.approx([0, 0.5, 1, 1])
+  f = optim.schedule(config(schedule__name='inverse_sqrt', schedule__warmup_epochs=1.0).schedule,
+                     100, 10)
+  # alpha_0 / sqrt(t) after a 10-step warmup: sqrt(10 / t) at absolute step t.
+  assert [float(f(s)) for s in (10, 40, 90)] == pytest.approx([1, 0.5, 1 / 3])
+
+
+def test_decoupled_weight_decay_shrinks_kernels_by_lr_times_wd():
+  c = config(optim__name='sgd')
+  build, _ = optim.make(c, 10, 10)
+  hp = {'lr': jnp.float32(0.1), 'weight_decay': jnp.float32(0.5), 'l2': jnp.float32(0)}
+  p = params()
+  tx = build(hp)
+  zero = jax.tree.map(jnp.zeros_like, p)
+  updates, _ = tx.update(zero, tx.init(p), p)
+  new = optax.apply_updates(p, updates)
+  np.testing.assert_allclose(new['dense']['kernel'], 2.0 * (1 - 0.1 * 0.5))
+  np.testing.assert_allclose(new['dense']['bias'], 3.0)        # biases excluded
+  np.testing.assert_allclose(new['bn']['scale'], 1.0)          # norm params excluded
+
+
+def test_weight_decay_is_decoupled_from_adam_but_l2_is_not():
+  # With Adam, L2 is rescaled by the preconditioner; decoupled decay is not.
+  c = config(optim__name='adam')
+  build, _ = optim.make(c, 10, 10)
+  p = params()
+  grads = jax.tree.map(lambda x: jnp.full_like(x, 100.0), p)
+  hp = {'lr': jnp.float32(0.01), 'weight_decay': jnp.float32(0.1), 'l2': jnp.float32(0)}
+  tx = build(hp)
+  upd_wd, _ = tx.update(grads, tx.init(p), p)
+  hp0 = dict(hp, weight_decay=jnp.float32(0))
+  tx0 = build(hp0)
+  upd_plain, _ = tx0.update(grads, tx0.init(p), p)
+  diff = upd_wd['dense']['kernel'] - upd_plain['dense']['kernel']
+  np.testing.assert_allclose(diff, -0.01 * 0.1 * 2.0, rtol=1e-4)
+
+
+def test_l2_penalty_value_and_gradient():
+  p = params()
+  mask = optim.decay_mask(p)
+  assert optim.l2_penalty(p, mask) == pytest.approx(0.5 * 6 * 4.0)
+  lam = 0.3
+  g = jax.grad(lambda q: lam * optim.l2_penalty(q, mask))(p)
+  np.testing.assert_allclose(g['dense']['kernel'], lam * 2.0)
+  np.testing.assert_allclose(g['dense']['bias'], 0.0)
+  all_mask = optim.decay_mask(p, decay_all=True)
+  assert optim.l2_penalty(p, all_mask) == pytest.approx(0.5 * (6 * 4 + 2 * 9 + 2 * 1))
+
+
+def test_global_norm_clipping_bounds_the_update():
+  c = config(optim__name='sgd', optim__clip_norm=1.0)
+  build, _ = optim.make(c, 10, 10)
+  p = params()
+  hp = {'lr': jnp.float32(0.5), 'weight_decay': jnp.float32(0), 'l2': jnp.float32(0)}
+  tx = build(hp)
+  grads = jax.tree.map(lambda x: jnp.full_like(x, 50.0), p)
+  updates, _ = tx.update(grads, tx.init(p), p)
+  assert float(optax.tree.norm(updates)) == pytest.approx(0.5, rel=1e-5)
+
+
+@pytest.mark.parametrize('name', optim.OPTIMIZERS.names())
+def test_every_optimizer_descends_a_quadratic(name):
+  c = config(optim__name=name, schedule__name='constant')
+  build, _ = optim.make(c, 100, 10)
+  lr = 0.5 if name == 'adagrad' else 0.05   # adagrad's step shrinks as 1/sqrt(t)
+  hp = {'lr': jnp.float32(lr), 'weight_decay': jnp.float32(0), 'l2': jnp.float32(0)}
+  tx = build(hp)
+  p = {'kernel': jnp.array([3.0, -2.0])}
+  state = tx.init(p)
+  loss = lambda q: jnp.sum(q['kernel'] ** 2)
+  for _ in range(50):
+    updates, state = tx.update(jax.grad(loss)(p), state, p)
+    p = optax.apply_updates(p, updates)
+  assert loss(p) < 0.5 * 13.0
+
+
+def test_bad_optimizer_config_fails_clearly():
+  with pytest.raises(UserError, match='valid: adagrad, adam, adamw, momentum, nesterov, rmsprop, sgd'):
+    optim.make(config(optim__name='lion'), 10, 10)
+  with pytest.raises(UserError, match='optim.lr'):
+    optim.hparams(config(optim__lr=0.0))

@@ -1,0 +1,129 @@
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import quickstart
+from lib import data, engine, evaluate, sharding
+from lib.config import resolve
+from lib.errors import UserError
+from lib.rundir import RunDir
+from lib.train import Preempted, train_and_evaluate
+
+quiet = lambda message: None
+DETERMINISTIC = ('step', 'epoch', 'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy', 'lr')
+
+
+def small_config(**train):
+  c = quickstart.get_config()
+  c.train.epochs = 4
+  c.train.update(train)
+  return c
+
+
+@pytest.fixture(scope='module')
+def finished_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('run') / 'w')
+  status = train_and_evaluate(small_config(), workdir, log=quiet)
+  return workdir, status
+
+
+def test_quickstart_reaches_97_percent_val_accuracy(tmp_path):
+  status = train_and_evaluate(quickstart.get_config(), str(tmp_path / 'q'), log=quiet)
+  assert status['status'] == 'done'
+  assert status['final_val_accuracy'] >= 0.97
+
+
+def test_run_directory_is_self_describing(finished_run):
+  workdir, status = finished_run
+  rd = RunDir(workdir)
+  assert rd.read_status()['status'] == 'done'
+  assert rd.read_config()['model']['width'] == 512
+  rows = rd.read_metrics()
+  assert [r['step'] for r in rows] == [40, 80, 120, 160]   # once per epoch
+  for key in ('step', 'epoch', 'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy', 'lr',
+              'examples_per_sec', 'wall_time'):
+    assert key in rows[0]
+  assert os.listdir(os.path.join(workdir, 'tb'))
+  best = max(rows, key=lambda r: (r['val_accuracy'], r['step']))
+  assert status['best_step'] == best['step']
+  kept = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit())
+  assert kept == sorted({best['step'], rows[-1]['step']})   # latest + best only
+
+
+def losses_on(mesh, config, n_steps=20):
+  config = resolve(config)
+  eng = engine.Engine(config, data.load(config.data), mesh)
+  state, idx = eng.init_state(), eng.epoch_indices(0)
+  out = []
+  for _ in range(n_steps):
+    state, sums = eng.train_step(state, idx, eng.zero_sums())
+    out.append(float(sums['loss']))
+  return np.array(out)
+
+
+def test_one_and_four_devices_give_the_same_losses(devices):
+  # BatchNorm, crop and flip on: batch statistics and random draws must be global.
+  # (An MLP: 4 simulated CPU devices on 2 cores make convolutions very slow.)
+  c = quickstart.get_config()
+  c.model.norm = 'batch'
+  c.augment.crop_padding, c.augment.flip = 1, True
+  one = losses_on(sharding.make_mesh(devices[:1]), c)
+  four = losses_on(sharding.make_mesh(devices), c)
+  assert np.all(np.isfinite(one)) and one[-1] < one[0]
+  np.testing.assert_allclose(one, four, atol=1e-5, rtol=0)
+
+
+def test_killed_and_rerun_gives_identical_metrics(tmp_path, finished_run):
+  workdir = str(tmp_path / 'w')
+  with pytest.raises(Preempted):
+    train_and_evaluate(small_config(), workdir, stop_after_step=80, log=quiet)
+  assert RunDir(workdir).read_status()['status'] == 'running'
+  # A row written after the last checkpoint (as if killed in between) is dropped on resume.
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
+    f.write(json.dumps({'step': 99, 'val_accuracy': 0.0}) + '\n')
+  status = train_and_evaluate(small_config(), workdir, log=quiet)
+  assert status['status'] == 'done'
+  resumed = [{k: r[k] for k in DETERMINISTIC} for r in RunDir(workdir).read_metrics()]
+  straight = [{k: r[k] for k in DETERMINISTIC} for r in RunDir(finished_run[0]).read_metrics()]
+  assert resumed == straight
+
+
+def test_eval_of_best_checkpoint_reproduces_logged_accuracy(finished_run, devices):
+  workdir, status = finished_run
+  for mesh_devices in (devices[:1], devices):
+    result = evaluate.evaluate_checkpoint(workdir, 'best', mesh=sharding.make_mesh(mesh_devices))
+    assert result['step'] == status['best_step']
+    assert result['accuracy'] == status['best_val_accuracy']
+  test = evaluate.evaluate_checkpoint(workdir, 'latest', split='test', tta='flip')
+  assert test['num_examples'] == 360 and 0.5 < test['accuracy'] <= 1.0
+
+
+def test_divergence_stops_with_status_and_keeps_last_good_checkpoint(tmp_path):
+  c = small_config()
+  c.schedule.name, c.schedule.milestone_fractions, c.schedule.factor = 'step', (0.5,), 1e12
+  workdir = str(tmp_path / 'd')
+  status = train_and_evaluate(c, workdir, log=quiet)
+  assert status['status'] == 'diverged' and status['step'] >= 80
+  record = RunDir(workdir).read_status()
+  assert record['status'] == 'diverged' and f'step {status["step"]}' in record['reason']
+  kept = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit())
+  assert kept and max(kept) <= 80
+  assert all(np.isfinite(r['train_loss']) for r in RunDir(workdir).read_metrics())
+
+
+def test_another_config_is_refused_and_fresh_archives(tmp_path, finished_run):
+  workdir = str(tmp_path / 'w')
+  train_and_evaluate(small_config(epochs=1), workdir, log=quiet)
+  other = small_config(epochs=1)
+  other.optim.lr = 0.2
+  with pytest.raises(UserError, match=r'optim.lr: 0.05 -> 0.2'):
+    train_and_evaluate(other, workdir, log=quiet)
+  train_and_evaluate(other, workdir, fresh=True, log=quiet)
+  archived = os.listdir(os.path.join(workdir, 'archive'))
+  assert len(archived) == 1
+  old = RunDir(os.path.join(workdir, 'archive', archived[0]))
+  assert old.read_config()['optim']['lr'] == 0.05 and old.read_metrics()
+  assert RunDir(workdir).read_config()['optim']['lr'] == 0.2
