@@ -29,10 +29,11 @@ def _parse(argv):
   except flags.Error as e:
     sys.exit(f'error: {_one_line(e)}')
   except (AttributeError, KeyError, TypeError, ValueError) as e:
-    # ml_collections raises these for an unknown or mistyped --config.key.
+    # ml_collections raises these for an unknown or mistyped --config.key, and
+    # an experiment's get_config(arg) for an unknown variant.
     overrides = [a for a in argv[1:] if a.startswith('--config.')]
-    sys.exit(f'error: bad config override in {" ".join(overrides) or "--config"}: '
-             f'{_one_line(e)}')
+    where = f'override in {" ".join(overrides)}' if overrides else '--config'
+    sys.exit(f'error: bad config {where}: {_one_line(e)}')
 
 
 def run(main) -> None:
