@@ -134,7 +134,13 @@ def _tfds_split(name, split, data_dir):
   if image_key is None or 'label' not in info.features:
     raise UserError(f'tfds dataset {name!r} has no image/label features: '
                     f'{list(info.features)}')
-  records = [source[i] for i in range(len(source))]
+  records = []
+  for start in range(0, len(source), 1024):   # batched reads; decoding dominates
+    keys = list(range(start, min(start + 1024, len(source))))
+    try:
+      records.extend(source.__getitems__(keys))
+    except TypeError:   # sources without batched reads (e.g. tfds.testing.mock_data)
+      records.extend(source[k] for k in keys)
   images = np.stack([np.asarray(r[image_key], np.uint8) for r in records])
   if images.ndim == 3:
     images = images[..., None]
