@@ -7,7 +7,7 @@ import json
 
 from absl import flags
 
-from lib import cli, evaluate
+from lib import cli, evaluate, sharding
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory written by launch.train.')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', 'best', 'best, latest or a step number.')
@@ -16,11 +16,14 @@ _TTA = flags.DEFINE_enum('tta', 'none', ['none', 'flip'], 'Test-time augmentatio
 _SOURCE = flags.DEFINE_string('data_source', None, 'Evaluate on another data source '
                               '(npz, cifar_dir, tfds) of the same image shape.')
 _PATH = flags.DEFINE_string('data_path', None, 'Path for --data_source.')
+_DISTRIBUTED = flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'],
+                                 'jax.distributed.initialize(), as for launch.train.')
 flags.mark_flag_as_required('workdir')
 
 
 def main(argv):
   del argv
+  sharding.initialize_distributed(_DISTRIBUTED.value)
   result = evaluate.evaluate_checkpoint(_WORKDIR.value, _CHECKPOINT.value, _SPLIT.value,
                                         _TTA.value, _SOURCE.value, _PATH.value)
   print(json.dumps(result), flush=True)

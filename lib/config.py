@@ -5,6 +5,7 @@ add keys the training code does not read, so a locked config catches typos.
 Model depth/width of -1 mean "the registry default for this model" and are
 filled in by `resolve()`, so `config.json` always records what really ran.
 """
+import difflib
 import json
 from typing import Any, Dict, List
 
@@ -74,6 +75,12 @@ def base_config() -> ml_collections.ConfigDict:
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Validates names and fills model defaults; returns a new locked config."""
   from lib import augment, data, models, optim  # registries
+  known = set(flatten(base_config().to_dict()))
+  for key in sorted(set(flatten(config.to_dict())) - known):
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f'; did you mean {close[0]}?' if close else ''
+    raise UserError(f'unknown config key {key}{hint} (experiment files may only set the keys '
+                    'of lib/config.py:base_config)')
   config = ml_collections.ConfigDict(config.to_dict())
   data.SOURCES.get(config.data.source)
   entry = models.MODELS.get(config.model.name)
@@ -91,8 +98,11 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   optim.OPTIMIZERS.get(config.optim.name)
   optim.SCHEDULES.get(config.schedule.name)
   augment.check(config.augment)
-  if not 0.0 <= config.data.val_fraction < 1.0:
-    raise UserError(f'data.val_fraction={config.data.val_fraction} must be in [0, 1)')
+  if not 0.0 < config.data.val_fraction < 1.0:
+    raise UserError(f'data.val_fraction={config.data.val_fraction} must be in (0, 1): '
+                    'the validation split drives evaluation and the best checkpoint')
+  if config.train.eval_every < 0:
+    raise UserError(f'train.eval_every={config.train.eval_every} must be >= 0 (0 = every epoch)')
   for key in ('epochs', 'batch_size', 'eval_batch_size', 'log_every'):
     if config.train[key] <= 0:
       raise UserError(f'train.{key}={config.train[key]} must be positive')

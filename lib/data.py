@@ -179,6 +179,9 @@ def load(data_config) -> Dataset:
     raise UserError(f'labels must lie in 0..{num_classes - 1}; got '
                     f'{train[1].min()}..{train[1].max()}')
   tr, va = split_train_val(len(train[1]), data_config.val_fraction, data_config.split_seed)
+  if len(va) == 0:
+    raise UserError(f'data.val_fraction={data_config.val_fraction} leaves no validation '
+                    f'images out of {len(train[1])}; raise it')
   val = (train[0][va], train[1][va])
   train = (train[0][tr], train[1][tr])
   mean, std = channel_stats(train[0])

@@ -50,6 +50,11 @@ class Engine:
     train_step = steps.make_train_step(self.model, self.tx_build, config, mesh, self.mean,
                                        self.std, dataset.num_classes, self.steps_per_epoch)
     self._train_step = jax.jit(train_step, donate_argnums=(0, 5))
+    # Several simulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count)
+    # share one thread pool: with launches queued behind each other, a device's
+    # part can starve and its all-reduce deadlock. There, keep one launch in flight.
+    # Real accelerators keep asynchronous dispatch.
+    self._serialize = mesh.devices.size > 1 and mesh.devices.flat[0].platform == 'cpu'
     self._zero_sums = jax.jit(steps.zero_sums, out_shardings=self.rep)
     n = mesh.devices.size
     self.eval_batch = -(-config.train.eval_batch_size // n) * n
@@ -91,15 +96,31 @@ class Engine:
 
   def train_step(self, state, epoch_indices, sums):
     images, labels = self.split_on_device('train')
-    return self._train_step(state, self.hparams, images, labels, epoch_indices, sums)
+    out = self._train_step(state, self.hparams, images, labels, epoch_indices, sums)
+    return jax.block_until_ready(out) if self._serialize else out
 
   def learning_rate(self, step: int) -> float:
     return float(self.config.optim.lr * self.lr_multiplier(step))
 
   # ----- evaluation -----
   @functools.lru_cache(maxsize=None)
-  def _eval_step(self, tta: str):
-    return jax.jit(steps.make_eval_step(self.model, self.mean, self.std, tta))
+  def _eval_split(self, tta: str):
+    """One compiled program for a whole split: a scan over fixed padded batches.
+
+    One launch per evaluation (not one per batch) is also what keeps simulated
+    multi-device CPU runs safe: independent launches that each hold collectives
+    can deadlock XLA:CPU's shared thread pool.
+    """
+    eval_step = steps.make_eval_step(self.model, self.mean, self.std, tta)
+
+    def run(state, images, labels, idx, mask):
+      def body(totals, batch):
+        out = eval_step(state, images, labels, *batch)
+        return jax.tree.map(jnp.add, totals, out), None
+      zeros = {k: jnp.zeros((), jnp.float32) for k in ('loss', 'correct', 'count')}
+      return jax.lax.scan(body, zeros, (idx, mask))[0]
+
+    return jax.jit(run)
 
   def evaluate(self, state, split: str = 'val', tta: str = 'none') -> Dict[str, float]:
     """Loss and accuracy over a whole split, in fixed padded batches."""
@@ -107,17 +128,12 @@ class Engine:
       raise UserError(f'unknown tta {tta!r}; valid: flip, none')
     images, labels = self.split_on_device(split)
     n = int(labels.shape[0])
-    step_fn = self._eval_step(tta)
-    batch_sharding = sharding.sharded_along(self.mesh, 1)
-    totals = None
-    for start in range(0, n, self.eval_batch):
-      idx = np.arange(start, start + self.eval_batch)
-      mask = idx < n
-      idx = np.where(mask, idx, 0).astype(np.int32)
-      out = step_fn(state, images, labels, sharding.to_global(idx, batch_sharding),
-                    sharding.to_global(mask, batch_sharding))
-      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-    totals = jax.device_get(totals)
+    padded = np.arange(-(-n // self.eval_batch) * self.eval_batch).reshape(-1, self.eval_batch)
+    mask = padded < n
+    idx = np.where(mask, padded, 0).astype(np.int32)
+    rows = sharding.sharded_along(self.mesh, 2, axis=1)
+    totals = jax.device_get(self._eval_split(tta)(
+        state, images, labels, sharding.to_global(idx, rows), sharding.to_global(mask, rows)))
     count = int(totals['count'])
     return {'loss': float(totals['loss']) / count, 'accuracy': float(totals['correct']) / count,
             'num_examples': count}

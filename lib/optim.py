@@ -40,8 +40,17 @@ SCHEDULES.add('constant', lambda c, n, w: optax.constant_schedule(1.0))
 SCHEDULES.add('cosine', lambda c, n, w: optax.cosine_decay_schedule(
     1.0, decay_steps=max(n, 1), alpha=c.final_fraction))
 SCHEDULES.add('linear', lambda c, n, w: optax.linear_schedule(1.0, c.final_fraction, max(n, 1)))
-SCHEDULES.add('step', lambda c, n, w: optax.piecewise_constant_schedule(
-    1.0, {int(round(f * n)): c.factor for f in c.milestone_fractions}))
+def _step_schedule(c, n, w):
+  # Milestones are fractions of all training (warmup included); the main schedule
+  # counts from the end of warmup. Milestones landing on one step compound.
+  scales = {}
+  for f in c.milestone_fractions:
+    boundary = max(int(round(f * (n + w))) - w, 0)
+    scales[boundary] = scales.get(boundary, 1.0) * c.factor
+  return optax.piecewise_constant_schedule(1.0, scales)
+
+
+SCHEDULES.add('step', _step_schedule)
 # alpha_0 / sqrt(t), normalised to 1 where it starts (after warmup).
 SCHEDULES.add('inverse_sqrt', lambda c, n, w: (
     lambda count: jnp.sqrt(max(w, 1) / (count + max(w, 1)))))
@@ -49,6 +58,8 @@ SCHEDULES.add('inverse_sqrt', lambda c, n, w: (
 
 def schedule(schedule_config, total_steps: int, steps_per_epoch: int) -> Callable:
   """The learning-rate multiplier as a function of the step (peak 1.0)."""
+  if schedule_config.warmup_epochs < 0:
+    raise UserError(f'schedule.warmup_epochs={schedule_config.warmup_epochs} must be >= 0')
   warmup = int(round(schedule_config.warmup_epochs * steps_per_epoch))
   if warmup >= total_steps and warmup > 0:
     raise UserError(f'schedule.warmup_epochs={schedule_config.warmup_epochs} is not '

@@ -10,10 +10,12 @@ from typing import Any, Dict, Optional
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from lib import config as config_lib
 from lib import data, engine, sharding
 from lib.checkpoint import Checkpoints
+from lib.errors import UserError
 from lib.metrics import MetricsWriter, echo, format_duration, progress_line
 from lib.rundir import RunDir
 
@@ -39,6 +41,11 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False, mesh=None,
   config_dict = config_lib.to_json_dict(config)
   rundir = RunDir(workdir)
   resume = rundir.check_config(config_dict, fresh)   # reads only
+  previous = rundir.read_status() if resume else {}
+  if previous.get('status') == 'diverged':
+    raise UserError(f'{workdir} diverged ({previous.get("reason", "")}); rerunning it would '
+                    'diverge again: pass --fresh to archive it and start over, or use another '
+                    '--workdir')
   dataset = data.load(config.data)                    # may fail: nothing written yet
   mesh = mesh if mesh is not None else sharding.make_mesh()
   eng = engine.Engine(config, dataset, mesh)
@@ -46,8 +53,10 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False, mesh=None,
 
   if fresh and rundir.has_run() and primary:
     log(f'archived the earlier run to {rundir.archive()}')
-  if primary:
+  if primary and not resume:
     rundir.write_config(config_dict)
+  if jax.process_count() > 1:   # the workdir is ready before any process opens it
+    multihost_utils.sync_global_devices('run directory ready')
   checkpoints = Checkpoints(rundir.checkpoint_dir)
   start, wall_offset = 0, 0.0
   latest = checkpoints.latest_step() if resume else None
@@ -55,19 +64,22 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False, mesh=None,
     state, meta = checkpoints.restore(latest, eng.abstract_state())
     state = eng.owned(state)
     start, wall_offset = int(state.step), float(meta['wall_time'])
-    if primary:
-      rundir.drop_metrics_after(start)
     log(f'resuming {workdir} from step {start}')
   else:
     state = eng.init_state()
+  if resume and primary:   # rows logged after the last checkpoint are recomputed
+    rundir.drop_metrics_after(start)
 
   total, spe = eng.total_steps, eng.steps_per_epoch
   if start >= total:
     log(f'{workdir} already finished ({total} steps)')
-    return rundir.read_status()
+    if previous.get('status') == 'done':
+      checkpoints.close()
+      return previous
+    return _finish(rundir, checkpoints, total, log, primary)
   if primary:
     rundir.set_status('running', step=start, total_steps=total)
-  writer = MetricsWriter(rundir, purge_step=start + 1 if start else None) if primary else None
+  writer = MetricsWriter(rundir, purge_step=start + 1 if resume else None) if primary else None
   log(f'training {config.model.name} on {config.data.source} '
       f'({len(dataset.train[1])} train / {len(dataset.val[1])} val images) for {total} steps '
       f'on {mesh.devices.size} device(s), batch {config.train.batch_size}')
@@ -110,6 +122,8 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False, mesh=None,
       if not is_eval:
         continue
       val = eng.evaluate(state, 'val')
+      if not np.isfinite(val['loss']):   # never checkpoint a state that cannot predict
+        return _diverged(rundir, checkpoints, writer, done, log, primary)
       row = {'step': done, 'epoch': done / spe, 'train_loss': train_loss,
              'train_accuracy': train_acc, 'val_loss': val['loss'],
              'val_accuracy': val['accuracy'], 'lr': eng.learning_rate(step),
@@ -132,28 +146,36 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False, mesh=None,
     if writer:
       writer.close()
     raise
+  if writer:
+    writer.close()
+  return _finish(rundir, checkpoints, total, log, primary, time.time() - run_start)
+
+
+def _finish(rundir, checkpoints, total: int, log, primary: bool,
+            seconds: Optional[float] = None) -> Dict[str, Any]:
+  """Marks the run done, with its best and final val accuracy (from metrics.jsonl)."""
   checkpoints.wait()
   best = checkpoints.best_step()
-  rows = {r['step']: r for r in rundir.read_metrics()} if primary else {}
-  best_acc = rows.get(best, {}).get('val_accuracy')
-  final = rows.get(total, {}).get('val_accuracy')
-  status = {'step': total, 'total_steps': total, 'best_step': best,
-            'best_val_accuracy': best_acc, 'final_val_accuracy': final}
+  status = {'step': total, 'total_steps': total, 'best_step': best}
   if primary:
+    rows = {r['step']: r for r in rundir.read_metrics()}
+    status['best_val_accuracy'] = rows.get(best, {}).get('val_accuracy')
+    status['final_val_accuracy'] = rows.get(total, {}).get('val_accuracy')
     rundir.set_status('done', **status)
-    writer.close()
-  log(f'done in {format_duration(time.time() - run_start)}: final val_accuracy {final:.4f}, '
-      f'best {best_acc:.4f} at step {best}')
+    took = f' in {format_duration(seconds)}' if seconds is not None else ''
+    log(f'done{took}: final val_accuracy {status["final_val_accuracy"]:.4f}, '
+        f'best {status["best_val_accuracy"]:.4f} at step {best}')
   checkpoints.close()
   return {'status': 'done', **status}
 
 
 def _diverged(rundir, checkpoints, writer, step: int, log, primary) -> Dict[str, Any]:
-  reason = (f'loss is not finite at step {step}; kept the last good checkpoint '
+  reason = (f'loss not finite at step {step}; kept the last good checkpoint '
             f'(step {checkpoints.latest_step()}); lower optim.lr or set optim.clip_norm')
   checkpoints.wait()
   if primary:
     rundir.set_status('diverged', reason, step=step)
+  if writer:
     writer.close()
   log(f'diverged: {reason}')
   checkpoints.close()

@@ -49,9 +49,11 @@ def test_train_then_eval_end_to_end(tmp_path):
   result = json.loads(out.strip().splitlines()[-1])
   assert set(result) == {'accuracy', 'loss', 'num_examples', 'step'}
   assert result['num_examples'] == 360 and result['step'] == 40
-  # Rerunning a finished run does nothing and says so.
+  # Rerunning a finished run changes nothing and says so.
+  before = snapshot(workdir)
   rc, out, err = launch('train', *QUICK, f'--workdir={workdir}')
   assert rc == 0 and 'already finished' in out
+  assert snapshot(workdir) == before
 
 
 def test_misspelled_config_key_is_one_line(run_dir):

@@ -19,8 +19,11 @@ def data_config(**kw):
 
 @pytest.mark.skipif(not os.path.isdir(SHARED_CIFAR), reason=f'{SHARED_CIFAR} absent')
 def test_cifar_dir_reader_on_real_subset():
-  ds = data.load(data_config(source='cifar_dir', path=SHARED_CIFAR, val_fraction=0.0))
-  assert ds.train[0].shape == (4068, 32, 32, 3) and ds.train[0].dtype == np.uint8
+  train, test, num_classes = data.SOURCES.get('cifar_dir').fn(
+      data_config(source='cifar_dir', path=SHARED_CIFAR))
+  assert train[0].shape == (4068, 32, 32, 3) and train[0].dtype == np.uint8
+  ds = data.load(data_config(source='cifar_dir', path=SHARED_CIFAR, val_fraction=0.1))
+  assert len(ds.train[1]) + len(ds.val[1]) == 4068 and len(ds.val[1]) == 407
   assert ds.test[0].shape == (1017, 32, 32, 3)
   assert ds.num_classes == 10
   for _, labels in (ds.train, ds.test):
@@ -28,10 +31,10 @@ def test_cifar_dir_reader_on_real_subset():
   # Channel order: pixel (0,0) of image 0 is (data[0], data[1024], data[2048]).
   with open(os.path.join(SHARED_CIFAR, 'data_batch_1'), 'rb') as f:
     raw = pickle.load(f, encoding='bytes')[b'data']
-  np.testing.assert_array_equal(ds.train[0][0, 0, 0], raw[0, [0, 1024, 2048]])
-  np.testing.assert_array_equal(ds.train[0][0, 1, 2], raw[0, [34, 1024 + 34, 2048 + 34]])
+  np.testing.assert_array_equal(train[0][0, 0, 0], raw[0, [0, 1024, 2048]])
+  np.testing.assert_array_equal(train[0][0, 1, 2], raw[0, [34, 1024 + 34, 2048 + 34]])
   # And it is the real images: sky-and-sea classes (airplane, ship) are bluer than red.
-  x, y = ds.train
+  x, y = train
   for cls in (0, 8):
     rgb = x[y == cls].reshape(-1, 3).mean(0)
     assert rgb[2] > rgb[0], (cls, rgb)
@@ -54,9 +57,12 @@ def test_cifar_dir_without_filenames_and_cifar100_layout(tmp_path):
   b1 = _write_batch(c10 / 'data_batch_1', 30, 0)
   _write_batch(c10 / 'data_batch_2', 20, 1, filenames=True)
   _write_batch(c10 / 'test_batch', 10, 2)
-  ds = data.load(data_config(source='cifar_dir', path=str(c10), val_fraction=0.0))
-  assert len(ds.train[1]) == 50 and len(ds.test[1]) == 10 and ds.num_classes == 10
-  np.testing.assert_array_equal(ds.train[0][0].transpose(2, 0, 1).reshape(-1), b1[b'data'][0])
+  (images, _), test, num_classes = data.SOURCES.get('cifar_dir').fn(
+      data_config(source='cifar_dir', path=str(c10)))
+  assert len(images) == 50 and len(test[1]) == 10 and num_classes == 10
+  np.testing.assert_array_equal(images[0].transpose(2, 0, 1).reshape(-1), b1[b'data'][0])
+  with pytest.raises(UserError, match='no validation images'):
+    data.load(data_config(source='cifar_dir', path=str(c10), val_fraction=0.001))
   c100 = tmp_path / 'c100'
   c100.mkdir()
   _write_batch(c100 / 'train', 40, 3, label_key=b'fine_labels')

@@ -31,6 +31,12 @@ def test_schedules_follow_their_formulas():
   f = optim.schedule(config(schedule__name='step', schedule__milestone_fractions=(0.3, 0.6),
                             schedule__factor=0.1).schedule, 100, 10)
   assert [float(f(s)) for s in (29, 30, 59, 60)] == pytest.approx([1, 0.1, 0.1, 0.01])
+  # Milestones that land on one step compound; fractions count the warmup too.
+  f = optim.schedule(config(schedule__name='step', schedule__milestone_fractions=(0.5, 0.5),
+                            schedule__factor=0.1, schedule__warmup_epochs=2.0).schedule, 100, 10)
+  assert [float(f(s)) for s in (49, 50)] == pytest.approx([1, 0.01])
+  with pytest.raises(UserError, match='warmup_epochs'):
+    optim.schedule(config(schedule__warmup_epochs=-1.0).schedule, 100, 10)
   f = optim.schedule(config(schedule__name='constant', schedule__warmup_epochs=1.0).schedule, 100, 10)
   assert [float(f(s)) for s in (0, 5, 10, 90)] == pytest.approx([0, 0.5, 1, 1])
   f = optim.schedule(config(schedule__name='inverse_sqrt', schedule__warmup_epochs=1.0).schedule,
@@ -53,8 +59,9 @@ def test_decoupled_weight_decay_shrinks_kernels_by_lr_times_wd():
   np.testing.assert_allclose(new['bn']['scale'], 1.0)          # norm params excluded
 
 
-def test_weight_decay_is_decoupled_from_adam_but_l2_is_not():
-  # With Adam, L2 is rescaled by the preconditioner; decoupled decay is not.
+def test_decoupled_weight_decay_bypasses_adams_preconditioner():
+  # The decay term is added after Adam's rescaling: it moves a kernel by exactly
+  # lr * wd * w whatever the gradient scale (an L2 loss term would be rescaled).
   c = config(optim__name='adam')
   build, _ = optim.make(c, 10, 10)
   p = params()

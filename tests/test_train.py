@@ -76,19 +76,53 @@ def test_one_and_four_devices_give_the_same_losses(devices):
   np.testing.assert_allclose(one, four, atol=1e-5, rtol=0)
 
 
-def test_killed_and_rerun_gives_identical_metrics(tmp_path, finished_run):
-  workdir = str(tmp_path / 'w')
+@pytest.mark.parametrize('eval_every,stop', [(0, 80), (30, 60)])
+def test_killed_and_rerun_gives_identical_metrics(tmp_path, eval_every, stop):
+  # (30, 60): evaluations that do not divide the 40-step epoch, killed mid-epoch.
+  straight_dir, workdir = str(tmp_path / 'straight'), str(tmp_path / 'w')
+  train_and_evaluate(small_config(epochs=3, eval_every=eval_every), straight_dir, log=quiet)
   with pytest.raises(Preempted):
-    train_and_evaluate(small_config(), workdir, stop_after_step=80, log=quiet)
+    train_and_evaluate(small_config(epochs=3, eval_every=eval_every), workdir,
+                       stop_after_step=stop, log=quiet)
   assert RunDir(workdir).read_status()['status'] == 'running'
   # A row written after the last checkpoint (as if killed in between) is dropped on resume.
   with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
-    f.write(json.dumps({'step': 99, 'val_accuracy': 0.0}) + '\n')
-  status = train_and_evaluate(small_config(), workdir, log=quiet)
+    f.write(json.dumps({'step': stop + 1, 'val_accuracy': 0.0}) + '\n')
+  status = train_and_evaluate(small_config(epochs=3, eval_every=eval_every), workdir, log=quiet)
   assert status['status'] == 'done'
   resumed = [{k: r[k] for k in DETERMINISTIC} for r in RunDir(workdir).read_metrics()]
-  straight = [{k: r[k] for k in DETERMINISTIC} for r in RunDir(finished_run[0]).read_metrics()]
-  assert resumed == straight
+  straight = [{k: r[k] for k in DETERMINISTIC} for r in RunDir(straight_dir).read_metrics()]
+  assert resumed == straight and len(straight) == (3 if eval_every == 0 else 4)
+
+
+def test_killed_before_the_first_checkpoint_restarts_cleanly(tmp_path):
+  workdir = str(tmp_path / 'w')
+  train_and_evaluate(small_config(epochs=1), workdir, log=quiet)
+  rd = RunDir(workdir)
+  # Simulate a kill after the first row was written but before its checkpoint.
+  import shutil
+  shutil.rmtree(rd.checkpoint_dir)
+  rd.set_status('running')
+  train_and_evaluate(small_config(epochs=1), workdir, log=quiet)
+  assert [r['step'] for r in rd.read_metrics()] == [40]
+
+
+def test_l2_penalty_reaches_the_compiled_step():
+  # One SGD step from the same init: the L2 run moves kernels by an extra -lr*l2*w.
+  params = {}
+  for l2 in (0.0, 0.5):
+    c = quickstart.get_config()
+    c.optim.name, c.schedule.name, c.optim.lr, c.regularize.l2 = 'sgd', 'constant', 0.1, l2
+    c = resolve(c)
+    eng = engine.Engine(c, data.load(c.data), sharding.make_mesh(jax.devices()[:1]))
+    state = eng.init_state()
+    w0 = jax.device_get(state.params)
+    state, _ = eng.train_step(state, eng.epoch_indices(0), eng.zero_sums())
+    params[l2] = jax.device_get(state.params)
+  for layer in params[0.0]:
+    np.testing.assert_allclose(params[0.5][layer]['kernel'] - params[0.0][layer]['kernel'],
+                               -0.1 * 0.5 * w0[layer]['kernel'], atol=1e-6)
+    np.testing.assert_array_equal(params[0.5][layer]['bias'], params[0.0][layer]['bias'])
 
 
 def test_eval_of_best_checkpoint_reproduces_logged_accuracy(finished_run, devices):
@@ -112,9 +146,25 @@ def test_divergence_stops_with_status_and_keeps_last_good_checkpoint(tmp_path):
   kept = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit())
   assert kept and max(kept) <= 80
   assert all(np.isfinite(r['train_loss']) for r in RunDir(workdir).read_metrics())
+  # Rerunning would only diverge again: refused, pointing at --fresh.
+  with pytest.raises(UserError, match='--fresh'):
+    train_and_evaluate(c, workdir, log=quiet)
 
 
-def test_another_config_is_refused_and_fresh_archives(tmp_path, finished_run):
+def test_bad_config_values_fail_before_writing(tmp_path):
+  c = small_config()
+  c.data.val_fraction = 0.0
+  with pytest.raises(UserError, match='val_fraction'):
+    train_and_evaluate(c, str(tmp_path / 'a'), log=quiet)
+  c = small_config()
+  c.unlock()
+  c.optim.lrr = 0.1   # a typo inside an experiment file
+  with pytest.raises(UserError, match='unknown config key optim.lrr; did you mean optim.lr'):
+    train_and_evaluate(c, str(tmp_path / 'b'), log=quiet)
+  assert not os.listdir(tmp_path)
+
+
+def test_another_config_is_refused_and_fresh_archives(tmp_path):
   workdir = str(tmp_path / 'w')
   train_and_evaluate(small_config(epochs=1), workdir, log=quiet)
   other = small_config(epochs=1)
