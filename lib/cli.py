@@ -7,7 +7,11 @@ from lib.errors import UserError
 
 
 def _one_line(e: Exception) -> str:
-  text = str(e).replace('\\n', ' ').replace('\n', ' ').replace('\\', '').replace("'", '')
+  text = str(e)
+  if 'Traceback (most recent call last)' in text:   # an exception inside get_config(arg)
+    lines = [l for l in text.splitlines() if l.strip()]
+    text = f'{lines[0].split(" Error whilst")[0]} {lines[-1].strip()}'
+  text = text.replace('\\n', ' ').replace('\n', ' ').replace('\\', '').replace("'", '')
   return ' '.join(text.strip('" ').split())
 
 

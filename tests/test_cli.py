@@ -86,3 +86,10 @@ def test_missing_checkpoint_is_one_line(run_dir):
   assert snapshot(run_dir) == before
   rc, _, err = launch('eval', f'--workdir={run_dir}/nope')
   assert rc == 1 and len(err) == 1 and 'config.json' in err[0]
+
+
+def test_unknown_experiment_variant_is_one_line(tmp_path):
+  rc, _, err = launch('train', '--config=experiments/cifar10_resnet.py:gpu',
+                      f'--workdir={tmp_path / "w"}')
+  assert rc == 1 and len(err) == 1 and 'unknown variant gpu; valid: local' in err[0]
+  assert 'Traceback' not in err[0] and not (tmp_path / 'w').exists()
