@@ -72,6 +72,10 @@ class Checkpoints:
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return out['state'], out['meta']
 
+  def restore_meta(self, step: int) -> Dict[str, Any]:
+    """Only the JSON meta (data shape, normalization statistics), not the state."""
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 

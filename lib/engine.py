@@ -47,6 +47,7 @@ class Engine:
     self.tx_build, self.lr_multiplier = optim.make(config, self.total_steps, self.steps_per_epoch)
     self.hparams = {k: sharding.to_global(v, self.rep) for k, v in optim.hparams(config).items()}
     self._on_device: Dict[str, tuple] = {}
+    self._eval_batches: Dict[str, tuple] = {}
     train_step = steps.make_train_step(self.model, self.tx_build, config, mesh, self.mean,
                                        self.std, dataset.num_classes, self.steps_per_epoch)
     self._train_step = jax.jit(train_step, donate_argnums=(0, 5))
@@ -127,13 +128,15 @@ class Engine:
     if tta not in ('none', 'flip'):
       raise UserError(f'unknown tta {tta!r}; valid: flip, none')
     images, labels = self.split_on_device(split)
-    n = int(labels.shape[0])
-    padded = np.arange(-(-n // self.eval_batch) * self.eval_batch).reshape(-1, self.eval_batch)
-    mask = padded < n
-    idx = np.where(mask, padded, 0).astype(np.int32)
-    rows = sharding.sharded_along(self.mesh, 2, axis=1)
-    totals = jax.device_get(self._eval_split(tta)(
-        state, images, labels, sharding.to_global(idx, rows), sharding.to_global(mask, rows)))
+    if split not in self._eval_batches:   # the same every evaluation: upload once
+      n = int(labels.shape[0])
+      padded = np.arange(-(-n // self.eval_batch) * self.eval_batch).reshape(-1, self.eval_batch)
+      mask = padded < n
+      idx = np.where(mask, padded, 0).astype(np.int32)
+      rows = sharding.sharded_along(self.mesh, 2, axis=1)
+      self._eval_batches[split] = (sharding.to_global(idx, rows), sharding.to_global(mask, rows))
+    totals = jax.device_get(self._eval_split(tta)(state, images, labels,
+                                                  *self._eval_batches[split]))
     count = int(totals['count'])
     return {'loss': float(totals['loss']) / count, 'accuracy': float(totals['correct']) / count,
             'num_examples': count}

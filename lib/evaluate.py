@@ -2,7 +2,6 @@
 from typing import Any, Dict, Optional
 
 import ml_collections
-import orbax.checkpoint as ocp
 
 from lib import config as config_lib
 from lib import data, engine, sharding
@@ -23,7 +22,7 @@ def evaluate_checkpoint(workdir: str, checkpoint: str = 'best', split: str = 'va
   config = config_lib.from_json_dict(rundir.read_config())
   checkpoints = Checkpoints(rundir.checkpoint_dir, read_only=True)
   step = checkpoints.resolve(checkpoint)
-  meta = checkpoints.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+  meta = checkpoints.restore_meta(step)
   if data_source or data_path:
     config = ml_collections.ConfigDict(config.to_dict())
     config.data.source = data_source or config.data.source

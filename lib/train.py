@@ -60,6 +60,13 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False, mesh=None,
   checkpoints = Checkpoints(rundir.checkpoint_dir)
   start, wall_offset = 0, 0.0
   latest = checkpoints.latest_step() if resume else None
+  total, spe = eng.total_steps, eng.steps_per_epoch
+  if latest is not None and latest >= total:   # nothing to restore for
+    log(f'{workdir} already finished ({total} steps)')
+    if previous.get('status') == 'done':
+      checkpoints.close()
+      return previous
+    return _finish(rundir, checkpoints, total, log, primary)
   if latest is not None:
     state, meta = checkpoints.restore(latest, eng.abstract_state())
     state = eng.owned(state)
@@ -69,14 +76,6 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False, mesh=None,
     state = eng.init_state()
   if resume and primary:   # rows logged after the last checkpoint are recomputed
     rundir.drop_metrics_after(start)
-
-  total, spe = eng.total_steps, eng.steps_per_epoch
-  if start >= total:
-    log(f'{workdir} already finished ({total} steps)')
-    if previous.get('status') == 'done':
-      checkpoints.close()
-      return previous
-    return _finish(rundir, checkpoints, total, log, primary)
   if primary:
     rundir.set_status('running', step=start, total_steps=total)
   writer = MetricsWriter(rundir, purge_step=start + 1 if resume else None) if primary else None
@@ -117,8 +116,8 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False, mesh=None,
       eta = train_time / steps_done_here * (total - done)
       train_loss = float(host['loss'] / host['steps'])
       train_acc = float(host['correct'] / host['examples'])
-      log(progress_line(done, total, spe, train_loss, train_acc, eng.learning_rate(step), speed,
-                        eta))
+      lr = eng.learning_rate(step)
+      log(progress_line(done, total, spe, train_loss, train_acc, lr, speed, eta))
       if not is_eval:
         continue
       val = eng.evaluate(state, 'val')
@@ -126,7 +125,7 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False, mesh=None,
         return _diverged(rundir, checkpoints, writer, done, log, primary)
       row = {'step': done, 'epoch': done / spe, 'train_loss': train_loss,
              'train_accuracy': train_acc, 'val_loss': val['loss'],
-             'val_accuracy': val['accuracy'], 'lr': eng.learning_rate(step),
+             'val_accuracy': val['accuracy'], 'lr': lr,
              'examples_per_sec': speed, 'wall_time': wall_offset + time.time() - run_start}
       log(f'  eval step {done}: val_loss {val["loss"]:.4f} val_accuracy {val["accuracy"]:.4f}')
       if primary:
