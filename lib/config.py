@@ -36,6 +36,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.activation = 'relu'
   c.model.norm = 'batch'        # batch | layer | group | none
   c.model.dtype = 'float32'     # compute dtype: float32 | bfloat16 (params stay f32)
+  c.model.init = 'kaiming_normal'  # kernel init of every conv/dense layer (lib/inits.py)
+  c.model.init_scale = 0.01     # normal: std; uniform: half-width; constant: value
+  c.model.init_fan = 'fan_in'   # variance-scaling inits: fan_in | fan_out | fan_avg
+  c.model.init_gain = 'auto'    # kaiming gain: auto (from activation) relu leaky_relu tanh linear
+  c.model.bias_init = 0.0       # every bias starts at this constant
+  c.model.zero_init_residual = False  # last norm scale (or conv) of each residual branch = 0
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = 'momentum'     # sgd momentum nesterov adagrad rmsprop adam adamw
@@ -50,7 +56,18 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.regularize = ml_collections.ConfigDict()
   c.regularize.l2 = 0.0         # lambda/2 * sum(w^2) added to the loss
+  c.regularize.l1 = 0.0         # lambda * sum|w| added to the loss
   c.regularize.decay_all_params = False  # also penalise/decay biases and norm params
+  c.regularize.activation_l1 = 0.0  # alpha * sum|h| over hidden activations (per example)
+  c.regularize.dropout = 0.0    # inverted dropout rate; 0 = off
+  c.regularize.dropout_at = 'head'  # head (before the classifier) | hidden (+ every hidden FC) | conv | all
+  c.regularize.dropconnect = 0.0  # rate of dense-kernel weights zeroed per step; 0 = off
+  c.regularize.noise_input = 0.0   # std of Gaussian noise on (normalized) inputs
+  c.regularize.noise_hidden = 0.0  # std of Gaussian noise on hidden activations
+  c.regularize.noise_weight = 0.0  # std of Gaussian noise on conv/dense kernels
+  c.regularize.survival_last = 1.0  # stochastic depth: survival prob of the last block p_L; 1 = off
+  c.regularize.label_smoothing = 0.0
+  c.regularize.adversarial_eps = 0.0  # FGSM training: x + eps*sign(grad_x), eps in [0,1] pixels
 
   c.schedule = ml_collections.ConfigDict()
   c.schedule.name = 'cosine'    # constant step cosine linear inverse_sqrt
@@ -62,19 +79,30 @@ def base_config() -> ml_collections.ConfigDict:
   c.augment = ml_collections.ConfigDict()
   c.augment.crop_padding = 0    # random crop after zero-padding by this; 0 = off
   c.augment.flip = False        # random horizontal flip
+  c.augment.resized_crop_scale = 0.0  # random resized crop: min area fraction; 0 = off
+  c.augment.brightness = 0.0    # colour jitter strengths; 0 = off
+  c.augment.contrast = 0.0
+  c.augment.saturation = 0.0
+  c.augment.cutout_size = 0     # side of each zeroed square (pixels); 0 = off
+  c.augment.cutout_patches = 1
+  c.augment.mixup_alpha = 0.0   # lam ~ Beta(alpha, alpha); 0 = off
+  c.augment.cutmix_alpha = 0.0  # 0 = off; with mixup too, each batch uses one of them
 
   c.train = ml_collections.ConfigDict()
   c.train.epochs = 10
+  c.train.loss = 'cross_entropy'  # cross_entropy | hinge | squared_hinge
   c.train.batch_size = 128      # global batch, split over devices
   c.train.eval_every = 0        # steps between evaluations; 0 = once per epoch
   c.train.eval_batch_size = 500
   c.train.log_every = 50        # steps between console progress lines
+  c.train.early_stop_patience = 0  # stop after this many evaluations without a new best; 0 = off
+  c.train.eval_tta = 'none'     # test-time augmentation of evaluations: none | flip | crops
   return c
 
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Validates names and fills model defaults; returns a new locked config."""
-  from lib import augment, data, models, optim  # registries
+  from lib import augment, data, inits, losses, models, optim, regularize, steps  # registries
   known = set(flatten(base_config().to_dict()))
   for key in sorted(set(flatten(config.to_dict())) - known):
     close = difflib.get_close_matches(key, known, n=1)
@@ -90,9 +118,29 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if 'fixed_depth' in entry.defaults and config.model.depth != entry.defaults['fixed_depth']:
     raise UserError(
         f'model.name={config.model.name} has depth {entry.defaults["fixed_depth"]}, '
-        f'not model.depth={config.model.depth}; use model.name=resnet_cifar to choose the depth')
+        f'not model.depth={config.model.depth}; leave model.depth=-1 or pick a model whose depth '
+        'is free (mlp, cnn, resnet_cifar, preact_resnet_cifar, resnext_cifar, wide_resnet)')
   models.ACTIVATIONS.get(config.model.activation)
-  models.NORMS.get(config.model.norm)
+  if models.NORMS.get(config.model.norm).defaults.get('needs_spatial') and \
+      config.model.name == 'mlp':
+    raise UserError(f'model.norm={config.model.norm} normalizes over image positions, which '
+                    'model.name=mlp does not have; use batch, layer or group')
+  inits.check(config.model)
+  if not entry.defaults.get('residual'):
+    for key, on in (('regularize.survival_last', config.regularize.survival_last < 1),
+                    ('model.zero_init_residual', config.model.zero_init_residual)):
+      if on:
+        raise UserError(f'{key} needs residual blocks, which model.name={config.model.name} '
+                        'does not have (residual models: '
+                        f'{", ".join(n for n in models.MODELS.names() if models.MODELS.get(n).defaults.get("residual"))})')
+  regularize.check(config.regularize)
+  losses.LOSSES.get(config.train.loss)
+  if config.train.eval_tta not in steps.TTA:
+    raise UserError(f'unknown train.eval_tta={config.train.eval_tta!r}; valid: '
+                    f'{", ".join(steps.TTA)}')
+  if config.train.early_stop_patience < 0:
+    raise UserError(f'train.early_stop_patience={config.train.early_stop_patience} must be '
+                    '>= 0 (0 = off)')
   if config.model.dtype not in ('float32', 'bfloat16'):
     raise UserError(f'model.dtype={config.model.dtype!r}; valid: bfloat16, float32')
   optim.OPTIMIZERS.get(config.optim.name)
@@ -129,21 +177,31 @@ def to_json_dict(config: ml_collections.ConfigDict) -> Dict[str, Any]:
 def diff(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
   """Keys whose values differ, as 'key: old -> new', ignoring NON_SEMANTIC_KEYS."""
   a, b = flatten(old), flatten(new)
+  defaults = flatten(base_config().to_dict())
   out = []
   for key in sorted(set(a) | set(b)):
     if key in NON_SEMANTIC_KEYS:
       continue
+    if key not in a and key in defaults and b.get(key) == defaults[key]:
+      continue   # a key added after `old` was written, at its default (off) value
     if a.get(key, '<absent>') != b.get(key, '<absent>'):
       out.append(f'{key}: {a.get(key, "<absent>")} -> {b.get(key, "<absent>")}')
   return out
 
 
 def from_json_dict(d: Dict[str, Any]) -> ml_collections.ConfigDict:
-  """Rebuilds a locked config from config.json (lists back to tuples)."""
+  """Rebuilds a locked config from config.json (lists back to tuples). Keys added
+  to base_config after the run was written get their defaults (their off values)."""
   def fix(x):
     if isinstance(x, dict):
       return {k: fix(v) for k, v in x.items()}
     return tuple(x) if isinstance(x, list) else x
-  config = ml_collections.ConfigDict(fix(d))
+
+  def merge(base, over):
+    out = dict(base)
+    for k, v in over.items():
+      out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+  config = ml_collections.ConfigDict(merge(base_config().to_dict(), fix(d)))
   config.lock()
   return config

@@ -33,7 +33,7 @@ class Engine:
     self.rep = sharding.replicated(mesh)
     self.mean = np.asarray(dataset.mean if mean is None else mean, np.float32)
     self.std = np.asarray(dataset.std if std is None else std, np.float32)
-    self.model = models.build(config.model, dataset.num_classes)
+    self.model = models.build(config.model, dataset.num_classes, config.regularize)
     b = config.train.batch_size
     self.steps_per_epoch = len(dataset.train[1]) // b
     if eval_only:   # the training batch need not fit this data or these devices
@@ -45,7 +45,7 @@ class Engine:
                       'images; lower it')
     self.total_steps = config.train.epochs * self.steps_per_epoch
     self.tx_build, self.lr_multiplier = optim.make(config, self.total_steps, self.steps_per_epoch)
-    self.hparams = {k: sharding.to_global(v, self.rep) for k, v in optim.hparams(config).items()}
+    self.hparams = {k: sharding.to_global(v, self.rep) for k, v in steps.hparams(config).items()}
     self._on_device: Dict[str, tuple] = {}
     self._eval_batches: Dict[str, tuple] = {}
     train_step = steps.make_train_step(self.model, self.tx_build, config, mesh, self.mean,
@@ -123,10 +123,12 @@ class Engine:
 
     return jax.jit(run)
 
-  def evaluate(self, state, split: str = 'val', tta: str = 'none') -> Dict[str, float]:
-    """Loss and accuracy over a whole split, in fixed padded batches."""
-    if tta not in ('none', 'flip'):
-      raise UserError(f'unknown tta {tta!r}; valid: flip, none')
+  def evaluate(self, state, split: str = 'val', tta: Optional[str] = None) -> Dict[str, float]:
+    """Loss and accuracy over a whole split, in fixed padded batches, with
+    test-time augmentation `tta` (default: the config's train.eval_tta)."""
+    tta = self.config.train.eval_tta if tta is None else tta
+    if tta not in steps.TTA:
+      raise UserError(f'unknown tta {tta!r}; valid: {", ".join(steps.TTA)}')
     images, labels = self.split_on_device(split)
     if split not in self._eval_batches:   # the same every evaluation: upload once
       n = int(labels.shape[0])

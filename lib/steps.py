@@ -10,12 +10,14 @@ from typing import Any, Callable, Dict
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from lib import augment, optim, sharding
+from lib import augment, losses, optim, regularize, sharding
 
 # Named streams split off each step's key; add new consumers at the end.
-RNG_STREAMS = {'augment': 0, 'dropout': 1}
+RNG_STREAMS = {'augment': 0, 'dropout': 1, 'noise': 2, 'drop_path': 3, 'mix': 4,
+               'noise_input': 5, 'dropconnect': 6, 'noise_weight': 7}
 
 
 @flax.struct.dataclass
@@ -53,12 +55,29 @@ def zero_sums() -> Dict[str, jax.Array]:
           'first_nonfinite_step': jnp.full((), -1, jnp.int32)}
 
 
+def hparams(config) -> Dict[str, np.ndarray]:
+  """Every continuous strength of `config` (optimizer, regularizers,
+  augmentations) as a float32 scalar: the compiled step takes them as arrays."""
+  return {**optim.hparams(config), **regularize.hparams(config.regularize),
+          **augment.hparams(config.augment)}
+
+
 def make_train_step(model, tx_build, config, mesh, mean, std, num_classes: int,
                     steps_per_epoch: int) -> Callable:
-  """train_step(state, hparams, images, labels, epoch_indices, sums) -> (state, sums)."""
-  aug_config = config.augment
-  decay_all = config.regularize.decay_all_params
+  """train_step(state, hparams, images, labels, epoch_indices, sums) -> (state, sums).
+
+  Per step: gather the batch; pixel-space augmentations; normalize; cutout;
+  mixup / cutmix; input noise; (FGSM) adversarial inputs; then the loss
+  (train.loss on label-smoothed targets) + L2 + L1 + activation L1 penalties
+  on a forward pass with DropConnect / weight noise on the kernels and dropout,
+  hidden noise and stochastic depth inside the model.
+  """
+  aug, reg = config.augment, config.regularize
+  on = lambda key: regularize.enabled(reg, key)
+  loss_name = config.train.loss
+  decay = lambda params: optim.decay_mask(params, reg.decay_all_params)
   batch_sharding = sharding.sharded_along(mesh, 4)
+  lo, hi = (0.0 - mean) / std, (1.0 - mean) / std   # the pixel range, normalized
 
   def train_step(state, hp, images, labels, epoch_indices, sums):
     idx = jax.lax.dynamic_index_in_dim(epoch_indices, state.step % steps_per_epoch, keepdims=False)
@@ -66,16 +85,43 @@ def make_train_step(model, tx_build, config, mesh, mean, std, num_classes: int,
     x = jax.lax.with_sharding_constraint(x, batch_sharding)
     y = labels[idx]
     key = jax.random.fold_in(state.rng, state.step)
-    x = augment.apply(stream(key, 'augment'), x, aug_config)
+    x = augment.apply(stream(key, 'augment'), x, aug, hp, 'pixel')
     x = (x - mean) / std
+    x = augment.apply(stream(key, 'augment'), x, aug, hp, 'normalized')
     targets = jax.nn.one_hot(y, num_classes)
+    x, targets = augment.mix(stream(key, 'mix'), x, targets, aug, hp)
+    if on('noise_input'):
+      x = x + hp['noise_input'] * jax.random.normal(stream(key, 'noise_input'), x.shape)
+    if on('label_smoothing'):
+      targets = losses.smooth(targets, hp['label_smoothing'])
+    rngs = {name: stream(key, name) for name in ('dropout', 'noise', 'drop_path')}
+    mutable = ['batch_stats'] + (['losses'] if on('activation_l1') else [])
+
+    def forward(params, inputs):
+      if on('dropconnect'):
+        params = regularize.dropconnect(stream(key, 'dropconnect'), params, hp['dropconnect'])
+      if on('noise_weight'):
+        params = regularize.weight_noise(stream(key, 'noise_weight'), params, hp['noise_weight'])
+      logits, new_vars = model.apply(
+          {'params': params, 'batch_stats': state.batch_stats}, inputs, train=True, hp=hp,
+          rngs=rngs, mutable=mutable)
+      data_loss = losses.loss(loss_name, logits, targets).mean()
+      return data_loss, (logits, new_vars)
+
+    if on('adversarial_eps'):
+      # FGSM (Goodfellow et al. 2015): train on x + eps * sign(grad_x loss), eps in
+      # [0, 1] pixel units, kept inside the valid pixel range.
+      grad_x = jax.grad(lambda inputs: forward(state.params, inputs)[0])(x)
+      x = jnp.clip(x + hp['adversarial_eps'] * jnp.sign(grad_x) / std, lo, hi)
+      x = jax.lax.stop_gradient(x)
 
     def loss_fn(params):
-      logits, new_vars = model.apply(
-          {'params': params, 'batch_stats': state.batch_stats}, x, train=True,
-          rngs={'dropout': stream(key, 'dropout')}, mutable=['batch_stats'])
-      data_loss = optax.softmax_cross_entropy(logits, targets).mean()
-      penalty = hp['l2'] * optim.l2_penalty(params, optim.decay_mask(params, decay_all))
+      data_loss, (logits, new_vars) = forward(params, x)
+      penalty = hp['l2'] * optim.l2_penalty(params, decay(params))
+      if on('l1'):
+        penalty += hp['l1'] * regularize.l1_penalty(params, decay(params))
+      if on('activation_l1'):
+        penalty += hp['activation_l1'] * sum(jax.tree.leaves(new_vars['losses']))
       return data_loss + penalty, (data_loss, logits, new_vars.get('batch_stats', {}))
 
     (total, (data_loss, logits, batch_stats)), grads = jax.value_and_grad(
@@ -102,23 +148,42 @@ def make_train_step(model, tx_build, config, mesh, mean, std, num_classes: int,
   return train_step
 
 
+TTA = ('none', 'flip', 'crops')
+
+
+def views(x, tta: str, pad: int = 4):
+  """The test-time views of a batch: itself (none); it and its mirror image
+  (flip); the 4 corner and the centre crops of the image zero-padded by `pad`
+  pixels, each also mirrored (crops: 10 views, as the ResNet paper's 10-crop)."""
+  if tta == 'none':
+    return [x]
+  if tta == 'flip':
+    return [x, x[:, :, ::-1, :]]
+  h, w = x.shape[1:3]
+  padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  corners = [(0, 0), (0, 2 * pad), (2 * pad, 0), (2 * pad, 2 * pad), (pad, pad)]
+  crops = [padded[:, i:i + h, j:j + w, :] for i, j in corners]
+  return crops + [c[:, :, ::-1, :] for c in crops]
+
+
 def make_eval_step(model, mean, std, tta: str = 'none') -> Callable:
   """eval_step(state, images, labels, idx, mask) -> sums of loss, correct, count.
 
-  tta='flip' averages the softmax of each image and its mirror image.
+  With test-time augmentation the softmax outputs of the views are averaged
+  (cross-entropy of the averaged prediction). Crops pad in pixel space, with
+  black as in training's random crop.
   """
   def predict(state, x):
     return model.apply({'params': state.params, 'batch_stats': state.batch_stats}, x, train=False)
 
   def eval_step(state, images, labels, idx, mask):
-    x = normalize(images[idx], mean, std)
+    x = images[idx].astype(jnp.float32) / 255.0
     y = labels[idx]
-    logits = predict(state, x)
-    if tta == 'flip':
-      probs = 0.5 * (jax.nn.softmax(logits) + jax.nn.softmax(predict(state, x[:, :, ::-1, :])))
-      log_probs = jnp.log(jnp.maximum(probs, 1e-30))
+    if tta == 'none':
+      log_probs = jax.nn.log_softmax(predict(state, (x - mean) / std))
     else:
-      log_probs = jax.nn.log_softmax(logits)
+      probs = sum(jax.nn.softmax(predict(state, (v - mean) / std)) for v in views(x, tta))
+      log_probs = jnp.log(jnp.maximum(probs / len(views(x[:1], tta)), 1e-30))
     loss = -jnp.take_along_axis(log_probs, y[:, None], axis=-1)[:, 0]
     correct = jnp.argmax(log_probs, -1) == y
     m = mask.astype(jnp.float32)

@@ -61,6 +61,10 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False, mesh=None,
   start, wall_offset = 0, 0.0
   latest = checkpoints.latest_step() if resume else None
   total, spe = eng.total_steps, eng.steps_per_epoch
+  if previous.get('status') == 'done' and previous.get('stopped_early'):
+    log(f'{workdir} already finished (stopped early at step {previous["step"]})')
+    checkpoints.close()
+    return previous
   if latest is not None and latest >= total:   # nothing to restore for
     log(f'{workdir} already finished ({total} steps)')
     if previous.get('status') == 'done':
@@ -76,6 +80,13 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False, mesh=None,
     state = eng.init_state()
   if resume and primary:   # rows logged after the last checkpoint are recomputed
     rundir.drop_metrics_after(start)
+  # Early stopping: evaluations since the best val accuracy (rebuilt on resume).
+  patience = config.train.early_stop_patience
+  best_acc, since_best = -1.0, 0
+  for row in (rundir.read_metrics() if resume else []):
+    if row['step'] <= start:
+      best_acc, since_best = ((row['val_accuracy'], 0) if row['val_accuracy'] > best_acc
+                              else (best_acc, since_best + 1))
   if primary:
     rundir.set_status('running', step=start, total_steps=total)
   writer = MetricsWriter(rundir, purge_step=start + 1 if resume else None) if primary else None
@@ -133,6 +144,16 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False, mesh=None,
       checkpoints.save(done, state, {**meta_base, 'step': done, 'epoch': row['epoch'],
                                      'wall_time': row['wall_time']},
                        {'val_accuracy': val['accuracy'], 'val_loss': val['loss']})
+      if val['accuracy'] > best_acc:
+        best_acc, since_best = val['accuracy'], 0
+      else:
+        since_best += 1
+      if patience and since_best >= patience and done < total:
+        log(f'early stop at step {done}: no new best val_accuracy in {patience} evaluations')
+        if writer:
+          writer.close()
+        return _finish(rundir, checkpoints, done, log, primary, time.time() - run_start,
+                       stopped_early=True)
       sums = eng.zero_sums()
       segment_start = time.time()   # evaluation and saving are not train time
       window_start = segment_start
@@ -150,16 +171,18 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False, mesh=None,
   return _finish(rundir, checkpoints, total, log, primary, time.time() - run_start)
 
 
-def _finish(rundir, checkpoints, total: int, log, primary: bool,
-            seconds: Optional[float] = None) -> Dict[str, Any]:
-  """Marks the run done, with its best and final val accuracy (from metrics.jsonl)."""
+def _finish(rundir, checkpoints, final: int, log, primary: bool,
+            seconds: Optional[float] = None, stopped_early: bool = False) -> Dict[str, Any]:
+  """Marks the run done at step `final`, with its best and final val accuracy
+  (from metrics.jsonl); the best checkpoint is the one evaluation uses."""
   checkpoints.wait()
   best = checkpoints.best_step()
-  status = {'step': total, 'total_steps': total, 'best_step': best}
+  status = {'step': final, 'total_steps': rundir.read_status().get('total_steps', final),
+            'best_step': best, 'stopped_early': stopped_early}
   if primary:
     rows = {r['step']: r for r in rundir.read_metrics()}
     status['best_val_accuracy'] = rows.get(best, {}).get('val_accuracy')
-    status['final_val_accuracy'] = rows.get(total, {}).get('val_accuracy')
+    status['final_val_accuracy'] = rows.get(final, {}).get('val_accuracy')
     rundir.set_status('done', **status)
     took = f' in {format_duration(seconds)}' if seconds is not None else ''
     log(f'done{took}: final val_accuracy {status["final_val_accuracy"]:.4f}, '

@@ -69,5 +69,5 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
 def test_unknown_names_list_the_valid_ones():
   with pytest.raises(UserError, match='valid: .*resnet20'):
     build('resnet21')
-  with pytest.raises(UserError, match='valid: elu, gelu, leaky_relu, relu, sigmoid, tanh'):
+  with pytest.raises(UserError, match='valid: elu, gelu, leaky_relu, maxout, relu, sigmoid, tanh'):
     build('mlp', activation='swish')
