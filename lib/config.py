@@ -126,6 +126,7 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise UserError(f'model.norm={config.model.norm} normalizes over image positions, which '
                     'model.name=mlp does not have; use batch, layer or group')
   inits.check(config.model)
+  regularize.check(config.regularize)
   if not entry.defaults.get('residual'):
     for key, on in (('regularize.survival_last', config.regularize.survival_last < 1),
                     ('model.zero_init_residual', config.model.zero_init_residual)):
@@ -133,7 +134,6 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise UserError(f'{key} needs residual blocks, which model.name={config.model.name} '
                         'does not have (residual models: '
                         f'{", ".join(n for n in models.MODELS.names() if models.MODELS.get(n).defaults.get("residual"))})')
-  regularize.check(config.regularize)
   losses.LOSSES.get(config.train.loss)
   if config.train.eval_tta not in steps.TTA:
     raise UserError(f'unknown train.eval_tta={config.train.eval_tta!r}; valid: '

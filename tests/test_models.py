@@ -8,12 +8,12 @@ from lib.config import base_config, resolve
 from lib.errors import UserError
 
 
-def build(name, **kw):
+def build(name, classes=10, **kw):
   c = base_config()
   c.model.name = name
   c.model.update(kw)
   c = resolve(c)
-  return models.build(c.model, 10)
+  return models.build(c.model, classes)
 
 
 def count(model, shape=(1, 32, 32, 3)):
@@ -21,11 +21,26 @@ def count(model, shape=(1, 32, 32, 3)):
   return sum(x.size for x in jax.tree.leaves(v['params']))
 
 
-@pytest.mark.parametrize('name,millions', [('resnet20', 0.27), ('resnet32', 0.46),
-                                           ('resnet56', 0.85), ('resnet110', 1.7),
-                                           ('resnet18', 11.17)])
-def test_parameter_counts_match_the_literature(name, millions):
-  assert count(build(name)) / 1e6 == pytest.approx(millions, rel=0.02)
+IMAGENET = (1, 224, 224, 3)
+
+
+@pytest.mark.parametrize('name,kw,millions', [
+    ('resnet20', {}, 0.27), ('resnet32', {}, 0.46), ('resnet56', {}, 0.85),
+    ('resnet110', {}, 1.7), ('preact_resnet_cifar', {'depth': 110}, 1.7),
+    ('wide_resnet', {}, 36.5),                           # WRN-28-10
+    ('wide_resnet', {'depth': 16, 'width': 4}, 2.7),     # WRN-16-4
+    ('resnext29_8x64d', {}, 34.4), ('resnext29_16x64d', {}, 68.1),
+    ('resnet18', {}, 11.17)])
+def test_parameter_counts_match_the_literature(name, kw, millions):
+  assert count(build(name, **kw)) / 1e6 == pytest.approx(millions, rel=0.02)
+
+
+@pytest.mark.parametrize('name,kw,exact', [
+    ('resnet18', {}, 11_689_512), ('resnet50', {}, 25_557_032),   # torchvision
+    ('mobilenet', {}, 4_231_976),                                  # Keras MobileNet 1.0, trainable
+    ('vgg16', {'norm': 'none'}, 138_357_544)])                     # torchvision vgg16
+def test_imagenet_parameter_counts_are_exact(name, kw, exact):
+  assert count(build(name, classes=1000, **kw), IMAGENET) == exact
 
 
 def test_resnet_cifar_depth_and_width_are_configurable():
@@ -35,9 +50,13 @@ def test_resnet_cifar_depth_and_width_are_configurable():
     build('resnet20', depth=32)
 
 
-@pytest.mark.parametrize('norm', ['batch', 'layer', 'group', 'none'])
+@pytest.mark.parametrize('norm', ['batch', 'layer', 'group', 'instance', 'none'])
 @pytest.mark.parametrize('name', ['mlp', 'cnn', 'resnet20'])
 def test_every_model_runs_with_every_norm(name, norm):
+  if name == 'mlp' and norm == 'instance':
+    with pytest.raises(UserError, match='instance'):
+      build(name, norm=norm)
+    return
   m = build(name, norm=norm, activation='gelu')
   x = jnp.ones((2, 8, 8, 3))
   v = m.init(jax.random.PRNGKey(0), x)
