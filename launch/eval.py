@@ -12,9 +12,9 @@ from lib import cli, evaluate, sharding
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory written by launch.train.')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', 'best', 'best, latest or a step number.')
 _SPLIT = flags.DEFINE_enum('split', 'val', ['val', 'test', 'train'], 'Split to evaluate.')
-_TTA = flags.DEFINE_enum('tta', 'none', ['none', 'flip', 'crops'],
+_TTA = flags.DEFINE_enum('tta', None, ['none', 'flip', 'crops'],
                          'Test-time augmentation: flip averaging, or 10 crops (corners + centre, '
-                         'each with its flip).')
+                         'each with its flip). Default: the run\'s train.eval_tta.')
 _SOURCE = flags.DEFINE_string('data_source', None, 'Evaluate on another data source '
                               '(npz, cifar_dir, tfds) of the same image shape.')
 _PATH = flags.DEFINE_string('data_path', None, 'Path for --data_source.')

@@ -11,7 +11,7 @@ from lib.rundir import RunDir
 
 
 def evaluate_checkpoint(workdir: str, checkpoint: str = 'best', split: str = 'val',
-                        tta: str = 'none', data_source: Optional[str] = None,
+                        tta: Optional[str] = None, data_source: Optional[str] = None,
                         data_path: Optional[str] = None, mesh=None) -> Dict[str, Any]:
   """Returns {"accuracy", "loss", "num_examples", "step"} for the chosen checkpoint.
 

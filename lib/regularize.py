@@ -12,7 +12,8 @@ are comes in `hparams` as float32 arrays, so one program serves every strength.
     weights of every dense kernel and scales the rest by 1/(1-p) (inverted, one
     mask per step for the whole batch), so evaluation uses the plain weights;
   * weight noise: w + std * N(0, 1) on every conv/dense kernel at train time;
-  * label smoothing, Gaussian input noise, FGSM adversarial training, dropout,
+  * FGSM adversarial inputs (`fgsm`);
+  * label smoothing, Gaussian input noise, dropout,
     hidden-unit noise and stochastic depth are applied where they act (lib/steps.py,
     lib/models.py); their strengths are validated here.
 """
@@ -91,6 +92,15 @@ def dropconnect(key, params, rate):
     keep = jax.random.bernoulli(k, 1.0 - rate, w.shape)
     return jnp.where(keep, w / (1.0 - rate), jnp.zeros_like(w))
   return _per_leaf(drop, key, params, kernel_mask(params, dense_only=True))
+
+
+def fgsm(loss_of_x, x, eps, std, lo, hi):
+  """FGSM (Goodfellow et al. 2015) on normalized inputs x: the adversarial
+  example x + eps * sign(grad_x loss) with eps in [0, 1] pixel units (so eps/std
+  in normalized units), kept inside the valid pixel range [lo, hi]. Training uses
+  the adversarial batch alone (no clean term), with the current weights."""
+  grad_x = jax.grad(loss_of_x)(x)
+  return jax.lax.stop_gradient(jnp.clip(x + eps * jnp.sign(grad_x) / std, lo, hi))
 
 
 def weight_noise(key, params, std):

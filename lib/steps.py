@@ -67,7 +67,7 @@ def make_train_step(model, tx_build, config, mesh, mean, std, num_classes: int,
   """train_step(state, hparams, images, labels, epoch_indices, sums) -> (state, sums).
 
   Per step: gather the batch; pixel-space augmentations; normalize; cutout;
-  mixup / cutmix; input noise; (FGSM) adversarial inputs; then the loss
+  mixup / cutmix; (FGSM) adversarial inputs; input noise; then the loss
   (train.loss on label-smoothed targets) + L2 + L1 + activation L1 penalties
   on a forward pass with DropConnect / weight noise on the kernels and dropout,
   hidden noise and stochastic depth inside the model.
@@ -90,18 +90,16 @@ def make_train_step(model, tx_build, config, mesh, mean, std, num_classes: int,
     x = augment.apply(stream(key, 'augment'), x, aug, hp, 'normalized')
     targets = jax.nn.one_hot(y, num_classes)
     x, targets = augment.mix(stream(key, 'mix'), x, targets, aug, hp)
-    if on('noise_input'):
-      x = x + hp['noise_input'] * jax.random.normal(stream(key, 'noise_input'), x.shape)
     if on('label_smoothing'):
       targets = losses.smooth(targets, hp['label_smoothing'])
     rngs = {name: stream(key, name) for name in ('dropout', 'noise', 'drop_path')}
     mutable = ['batch_stats'] + (['losses'] if on('activation_l1') else [])
 
     def forward(params, inputs):
-      if on('dropconnect'):
-        params = regularize.dropconnect(stream(key, 'dropconnect'), params, hp['dropconnect'])
       if on('noise_weight'):
         params = regularize.weight_noise(stream(key, 'noise_weight'), params, hp['noise_weight'])
+      if on('dropconnect'):   # after the noise: a dropped weight is exactly 0
+        params = regularize.dropconnect(stream(key, 'dropconnect'), params, hp['dropconnect'])
       logits, new_vars = model.apply(
           {'params': params, 'batch_stats': state.batch_stats}, inputs, train=True, hp=hp,
           rngs=rngs, mutable=mutable)
@@ -109,11 +107,10 @@ def make_train_step(model, tx_build, config, mesh, mean, std, num_classes: int,
       return data_loss, (logits, new_vars)
 
     if on('adversarial_eps'):
-      # FGSM (Goodfellow et al. 2015): train on x + eps * sign(grad_x loss), eps in
-      # [0, 1] pixel units, kept inside the valid pixel range.
-      grad_x = jax.grad(lambda inputs: forward(state.params, inputs)[0])(x)
-      x = jnp.clip(x + hp['adversarial_eps'] * jnp.sign(grad_x) / std, lo, hi)
-      x = jax.lax.stop_gradient(x)
+      x = regularize.fgsm(lambda inputs: forward(state.params, inputs)[0], x,
+                          hp['adversarial_eps'], std, lo, hi)
+    if on('noise_input'):
+      x = x + hp['noise_input'] * jax.random.normal(stream(key, 'noise_input'), x.shape)
 
     def loss_fn(params):
       data_loss, (logits, new_vars) = forward(params, x)

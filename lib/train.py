@@ -87,6 +87,9 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False, mesh=None,
     if row['step'] <= start:
       best_acc, since_best = ((row['val_accuracy'], 0) if row['val_accuracy'] > best_acc
                               else (best_acc, since_best + 1))
+  if patience and since_best >= patience and start < total:   # killed before it could stop
+    log(f'early stop at step {start}: no new best val_accuracy in {patience} evaluations')
+    return _finish(rundir, checkpoints, start, log, primary, stopped_early=True)
   if primary:
     rundir.set_status('running', step=start, total_steps=total)
   writer = MetricsWriter(rundir, purge_step=start + 1 if resume else None) if primary else None

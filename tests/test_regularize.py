@@ -226,3 +226,14 @@ def test_bad_regularizer_values_fail_naming_the_key():
   c.model.norm = 'instance'
   with pytest.raises(UserError, match='instance'):
     resolve(c)
+
+
+def test_fgsm_steps_eps_pixels_along_the_gradient_sign_inside_the_pixel_range():
+  w = jnp.array([1.0, -2.0, 0.5, -0.1])
+  x = jnp.array([[0.0, 0.0, 1.9, -1.9]])
+  std, lo, hi = 0.5, -2.0, 2.0                       # normalized pixel range
+  adv = regularize.fgsm(lambda x: jnp.sum(x * w), x, jnp.float32(0.1), std, lo, hi)
+  # +-eps pixels = +-eps/std normalized, clipped to the range.
+  np.testing.assert_allclose(adv, [[0.2, -0.2, 2.0, -2.0]], rtol=1e-6)
+  # The step raises the loss (it ascends the gradient).
+  assert float(jnp.sum(adv * w)) > float(jnp.sum(x * w))
