@@ -173,7 +173,23 @@ def channel_stats(images: np.ndarray):
   return x.mean(0).astype(np.float32), np.maximum(x.std(0), 1e-3).astype(np.float32)
 
 
+_CACHE: dict = {}
+
+
 def load(data_config) -> Dataset:
+  """The dataset of `data_config`. A process that trains several runs on the same data
+  (a sweep) reads it once: the last dataset loaded is kept, keyed by the config and
+  the modification time of its path."""
+  path = os.path.expanduser(data_config.path) if data_config.path else ''
+  key = (repr(sorted(data_config.to_dict().items())),
+         os.path.getmtime(path) if path and os.path.exists(path) else None)
+  if key not in _CACHE:
+    _CACHE.clear()
+    _CACHE[key] = _load(data_config)
+  return dataclasses.replace(_CACHE[key])   # callers may set num_classes on their copy
+
+
+def _load(data_config) -> Dataset:
   train, test, num_classes = SOURCES.get(data_config.source).fn(data_config)
   if len(train[1]) and (train[1].min() < 0 or train[1].max() >= num_classes):
     raise UserError(f'labels must lie in 0..{num_classes - 1}; got '

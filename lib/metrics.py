@@ -4,11 +4,14 @@ import sys
 from typing import Any, Dict, Optional
 
 from tensorboardX import SummaryWriter
+from tensorboardX.summary import hparams as hparams_summaries
 
 from lib.rundir import RunDir
 
 # metrics.jsonl keys that are not TensorBoard scalars.
 _NOT_SCALARS = ('step',)
+# Scalars the HParams tab shows next to each run's hyperparameters.
+HPARAM_METRICS = ('val_accuracy', 'val_loss', 'train_accuracy', 'train_loss')
 
 
 class MetricsWriter:
@@ -27,6 +30,15 @@ class MetricsWriter:
     for key, value in row.items():
       if key not in _NOT_SCALARS and isinstance(value, (int, float)):
         self.tb.add_scalar(key, value, global_step=row['step'])
+    self.tb.flush()
+
+  def hparams(self, values: Dict[str, Any]) -> None:
+    """The run's hyperparameters for TensorBoard's HParams tab, tied to the scalars
+    this writer logs (tensorboard --logdir SWEEP compares every run of a sweep)."""
+    clean = {k: v if isinstance(v, (bool, int, float, str)) else str(v)
+             for k, v in values.items()}
+    for summary in hparams_summaries(clean, dict.fromkeys(HPARAM_METRICS, 0.0)):
+      self.tb.file_writer.add_summary(summary)
     self.tb.flush()
 
   def close(self) -> None:

@@ -15,17 +15,28 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 DATA = 'data'
 
 
+_INITIALIZED = False
+
+
 def initialize_distributed(mode: str = 'auto') -> None:
   """Calls jax.distributed.initialize() under a multi-process launcher.
 
   'auto' does so when SLURM / Open MPI report several tasks or a coordinator
   address is set (JAX then reads the cluster from the environment).
   """
-  if mode == 'off':
+  global _INITIALIZED
+  if mode == 'off' or _INITIALIZED:
     return
   many = any(int(os.environ.get(k, '1')) > 1 for k in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'))
   if mode == 'on' or many or os.environ.get('JAX_COORDINATOR_ADDRESS'):
     jax.distributed.initialize()
+    _INITIALIZED = True
+
+
+def is_primary() -> bool:
+  """Process 0 of a multi-process job (or the only process). Does not start the
+  accelerator backend unless jax.distributed was initialized."""
+  return jax.process_index() == 0 if _INITIALIZED else True
 
 
 def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> jax.sharding.Mesh:

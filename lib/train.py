@@ -31,9 +31,11 @@ def _is_eval_step(done: int, total: int, steps_per_epoch: int, eval_every: int) 
 
 
 def train_and_evaluate(config, workdir: str, *, fresh: bool = False, mesh=None,
-                       stop_after_step: Optional[int] = None, log=echo) -> Dict[str, Any]:
+                       stop_after_step: Optional[int] = None, log=echo,
+                       hparams: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
   """Trains `config` in `workdir` (resuming if it holds this config's run).
 
+  `hparams` (default: the flattened config) go to TensorBoard's HParams tab.
   Returns the final status record. Bad input raises UserError before anything
   is written to disk.
   """
@@ -93,6 +95,8 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False, mesh=None,
   if primary:
     rundir.set_status('running', step=start, total_steps=total)
   writer = MetricsWriter(rundir, purge_step=start + 1 if resume else None) if primary else None
+  if writer and start == 0:
+    writer.hparams(hparams if hparams is not None else config_lib.flatten(config_dict))
   log(f'training {config.model.name} on {config.data.source} '
       f'({len(dataset.train[1])} train / {len(dataset.val[1])} val images) for {total} steps '
       f'on {mesh.devices.size} device(s), batch {config.train.batch_size}')

@@ -1,0 +1,25 @@
+"""The ablation report of a sweep: python -m launch.report W [--metric=...]
+
+Writes W/results.csv, W/report.md, W/curves.png, W/accuracy.png (and W/search.png
+for searches) and prints the ranked table. Also run at the end of launch.sweep.
+"""
+from absl import flags
+
+from lib import cli
+
+_METRIC = flags.DEFINE_enum('metric', None, ['best_val_accuracy', 'final_val_accuracy',
+                                              'test_accuracy'],
+                            'Rank by this (default: test accuracy of the best-val checkpoint '
+                            'for ablations, best val accuracy for searches).')
+
+
+def main(argv):
+  if len(argv) != 2:
+    from lib.errors import UserError
+    raise UserError('usage: python -m launch.report W (one sweep directory)')
+  from lib import report
+  report.write_and_print(argv[1], _METRIC.value)
+
+
+if __name__ == '__main__':
+  cli.run(main)

@@ -1,0 +1,104 @@
+"""Run an ablation: every arm x seed of an experiment module's get_sweep(arg).
+
+  python -m launch.sweep --config=experiments/x.py[:arg] --workdir=W [--seeds=N]
+      [--executor=local|slurm|submitit_local] [--parallel=N] [--config.a.b=v ...]
+
+Each run is W/<arm>/seed_<k>, trained by the same code as launch.train. Rerunning
+the command skips finished runs and resumes interrupted ones. At the end it writes
+W/results.csv, W/report.md and the plots (launch.report) and prints the ranked table.
+"""
+import json
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from lib import cli, sharding
+from lib import runner
+from lib import sweep as sweep_lib
+from lib.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment module[:arg] with '
+                                          'get_config(arg) and get_sweep(arg).', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep directory: W/<arm>/seed_<k> per run.')
+_SEEDS = flags.DEFINE_integer('seeds', None, 'Seeds 0..N-1 per arm (default: the module\'s).')
+_EXECUTOR = flags.DEFINE_enum('executor', 'local', list(runner.EXECUTORS),
+                              'local: this machine; slurm: a job array through submitit; '
+                              'submitit_local: the slurm path run by submitit\'s local executor.')
+_PARALLEL = flags.DEFINE_integer('parallel', 1, 'local: runs at once, as worker processes '
+                                 'sharing the visible GPUs evenly (1 = in this process).')
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the runs and their overrides; launch nothing.')
+_WAIT = flags.DEFINE_bool('wait', True, 'slurm: wait for the jobs, then write the report.')
+_REPORT = flags.DEFINE_bool('report', True, 'Write the report at the end.')
+_DISTRIBUTED = flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'],
+                                 'local: jax.distributed.initialize(), as for launch.train.')
+_TIME = flags.DEFINE_integer('slurm_time', 240, 'Minutes per run (job time limit).')
+_PARTITION = flags.DEFINE_string('slurm_partition', '', 'SLURM partition.')
+_GPUS = flags.DEFINE_integer('slurm_gpus_per_node', 0, 'GPUs per node of each run.')
+_NODES = flags.DEFINE_integer('slurm_nodes', 1, 'Nodes per run (multi-host via jax.distributed).')
+_TASKS = flags.DEFINE_integer('slurm_tasks_per_node', 1, 'Processes per node (e.g. one per GPU).')
+_CPUS = flags.DEFINE_integer('slurm_cpus_per_task', 0, 'CPUs per process (0 = cluster default).')
+_MEM = flags.DEFINE_float('slurm_mem_gb', 0, 'Memory per node in GB (0 = cluster default).')
+_ARRAY = flags.DEFINE_integer('slurm_array_parallelism', 0, 'Runs at once (0 = no limit).')
+_ACCOUNT = flags.DEFINE_string('slurm_account', '', 'SLURM account.')
+_QOS = flags.DEFINE_string('slurm_qos', '', 'SLURM QOS.')
+_EXTRA = flags.DEFINE_list('slurm_extra', [], 'More sbatch options as key=value,...')
+_KILL = flags.DEFINE_string('debug_kill_at', None, 'RUN_INDEX:STEP: stop the sweep after that '
+                            'pending run\'s first checkpoint at or past STEP (tests resume).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  del argv
+  config_flag = flags.FLAGS['config']
+  module_path, _, arg = config_flags.get_config_filename(config_flag).partition(':')
+  base = cli.config(_CONFIG)
+  spec = sweep_lib.load_spec(module_path, arg or None)
+  sweep = sweep_lib.parse(spec, _SEEDS.value, where=f'{module_path} get_sweep')
+  workdir = _WORKDIR.value
+  tasks = runner.plan(base, sweep.runs(), workdir)    # every config checked before launching
+  overrides = {k: v for k, v in config_flags.get_override_values(config_flag).items()}
+  manifest = sweep_lib.manifest(module_path, arg or None, overrides, sweep)
+  if _DRY_RUN.value:
+    for t in tasks:
+      print(f'{t["workdir"]}  {json.dumps(t["overrides"])}')
+    print(f'{len(tasks)} runs ({len(sweep.arms)} arms x {len(sweep.seeds)} seeds)' +
+          (f', then {sweep.refine["trials"]} refined trials x {len(sweep.seeds)} seeds'
+           if sweep.refine else ''))
+    return
+  submitit_args = None
+  if _EXECUTOR.value == 'local':
+    sharding.initialize_distributed(_DISTRIBUTED.value)
+  else:
+    submitit_args = runner.submitit_params(
+        'slurm' if _EXECUTOR.value == 'slurm' else 'local', _TIME.value, _PARTITION.value,
+        _GPUS.value, _NODES.value, _TASKS.value, _CPUS.value, _MEM.value, _ARRAY.value,
+        _ACCOUNT.value, _QOS.value, _EXTRA.value, name=f'sweep-{module_path.split("/")[-1][:-3]}')
+  primary = sharding.is_primary()   # a parent of worker processes leaves the GPUs alone
+  if primary:
+    runner.write_manifest(workdir, manifest)
+  kill_at = None
+  if _KILL.value:
+    index, _, step = _KILL.value.partition(':')
+    kill_at = {'run': int(index), 'step': int(step)}
+  run = lambda ts: runner.execute(ts, workdir, _EXECUTOR.value, _PARALLEL.value, submitit_args,
+                                  _WAIT.value, kill_at=kill_at)
+  try:
+    run(tasks)
+    if sweep.refine and (_WAIT.value or _EXECUTOR.value == 'local'):
+      space, arms = sweep_lib.refine_arms(sweep, runner.stage_scores(tasks))
+      print(f'refining around the top {sweep.refine["top_k"]} trials: '
+            f'{json.dumps(space)}', flush=True)
+      tasks2 = runner.plan(base, sweep.runs(arms, stage=2), workdir)
+      if primary:
+        runner.write_manifest(workdir, {**manifest, 'stage2': {'space': space, 'arms': arms}})
+      run(tasks2)
+  except runner.Killed as e:
+    sys.exit(f'stopped: {e}')
+  if _REPORT.value and primary and (_WAIT.value or _EXECUTOR.value == 'local'):
+    from lib import report
+    report.write_and_print(workdir)
+
+
+if __name__ == '__main__':
+  cli.run(main)

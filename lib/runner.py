@@ -1,0 +1,330 @@
+"""Executing a sweep's runs: here one after another, in parallel worker processes, or
+as a SLURM job array through submitit. Every run goes through `run_task`, which calls
+the same `train.train_and_evaluate` as `launch.train`.
+
+A sweep directory W holds W/sweep.json (what was launched) and one ordinary run
+directory per arm and seed, W/<arm>/seed_<k>. Rerunning skips finished and diverged
+runs, resumes interrupted ones from their checkpoints and retries failed ones.
+"""
+import concurrent.futures as futures
+import datetime
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from lib import config as config_lib
+from lib import sweep as sweep_lib
+from lib.errors import UserError
+from lib.metrics import echo, format_duration
+from lib.rundir import RunDir
+
+SWEEP_FILE = 'sweep.json'
+SKIP = ('done', 'diverged')   # statuses a rerun leaves alone
+EXECUTORS = ('local', 'slurm', 'submitit_local')
+
+
+class Killed(Exception):
+  """A run stopped by the debug hook, as if the sweep process were killed."""
+
+
+def run_dir(workdir: str, run: sweep_lib.Run) -> str:
+  return os.path.join(workdir, run.arm, f'seed_{run.seed}')
+
+
+def plan(base, runs: Sequence[sweep_lib.Run], workdir: str) -> List[Dict[str, Any]]:
+  """One task per run, every config resolved and every run directory checked
+  before anything is launched (errors name the arm and key)."""
+  tasks = []
+  for run in runs:
+    config = sweep_lib.make_config(base, run)
+    config_dict = config_lib.to_json_dict(config)
+    path = run_dir(workdir, run)
+    rundir = RunDir(path)
+    if rundir.has_run():
+      differences = config_lib.diff(rundir.read_config(), config_dict)
+      if differences:
+        raise UserError(f'{path} holds a run of another config ({"; ".join(differences)}): '
+                        f'arm {run.arm} changed since it ran; use another --workdir')
+    tasks.append({'arm': run.arm, 'seed': run.seed, 'stage': run.stage,
+                  'overrides': run.overrides_dict(), 'workdir': path, 'config': config_dict})
+  return tasks
+
+
+def write_manifest(workdir: str, manifest: Dict[str, Any]) -> None:
+  """W/sweep.json. A sweep directory belongs to one experiment module and arg."""
+  path = os.path.join(workdir, SWEEP_FILE)
+  old = read_manifest(workdir)
+  if old and 'stage2' in old and 'stage2' not in manifest:
+    manifest = {**manifest, 'stage2': old['stage2']}   # derived; rewritten after stage 1
+  if old and (old['module'], old.get('arg')) != (manifest['module'], manifest.get('arg')):
+    raise UserError(f'{workdir} holds a sweep of {old["module"]}'
+                    f'{":" + old["arg"] if old.get("arg") else ""}; use another --workdir')
+  if old and old != manifest:   # kept, never overwritten
+    stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S-%f')
+    os.makedirs(os.path.join(workdir, 'archive'), exist_ok=True)
+    shutil.copy(path, os.path.join(workdir, 'archive', f'sweep-{stamp}.json'))
+  os.makedirs(workdir, exist_ok=True)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(manifest, f, indent=2)
+    f.write('\n')
+  os.replace(path + '.tmp', path)
+
+
+def read_manifest(workdir: str) -> Optional[Dict[str, Any]]:
+  path = os.path.join(workdir, SWEEP_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def pending(tasks: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+  return [t for t in tasks if RunDir(t['workdir']).read_status().get('status') not in SKIP]
+
+
+# ---------------------------------------------------------------- one run, any process
+
+
+def run_task(task: Dict[str, Any]) -> Dict[str, Any]:
+  """Trains one run of a sweep (resuming it if interrupted), then evaluates its best
+  checkpoint on the test split. Never raises for a failed run: the failure is
+  recorded in its status.json and returned, so the sweep goes on."""
+  from lib import sharding
+  sharding.initialize_distributed(task.get('distributed', 'off'))
+  import jax
+  from lib import evaluate, train
+  primary = jax.process_index() == 0
+  rundir = RunDir(task['workdir'])
+  os.makedirs(task['workdir'], exist_ok=True)
+  log_file = open(os.path.join(task['workdir'], 'log.txt'), 'a') if primary else None
+
+  def log(message):
+    if log_file:
+      log_file.write(message + '\n')
+      log_file.flush()
+    if task.get('echo') and primary:
+      echo(f'  {message}')
+
+  start = time.time()
+  try:
+    config = config_lib.from_json_dict(task['config'])
+    hparams = {'arm': task['arm'], **config_lib.flatten(task['config'])}
+    status = train.train_and_evaluate(config, task['workdir'], log=log, hparams=hparams,
+                                      stop_after_step=task.get('stop_after_step'))
+    if status.get('status') == 'done' and 'test' not in status:
+      status = _test(rundir, evaluate, status, log, primary)
+  except train.Preempted as e:
+    raise Killed(str(e)) from None
+  except Exception as e:   # recorded, and the sweep goes on
+    reason = f'{type(e).__name__}: {e}'
+    log(f'failed: {reason}')
+    if log_file:
+      log_file.write(traceback.format_exc())
+    if primary:
+      rundir.set_status('failed', reason)
+    status = {'status': 'failed', 'reason': reason}
+  finally:
+    if log_file:
+      log_file.close()
+  return {**status, 'arm': task['arm'], 'seed': task['seed'], 'seconds': time.time() - start}
+
+
+def _test(rundir: RunDir, evaluate, status: Dict[str, Any], log, primary: bool):
+  """Test accuracy of the best checkpoint, kept in status.json (not used for selection)."""
+  try:
+    result = evaluate.evaluate_checkpoint(rundir.path, 'best', 'test')
+  except UserError as e:   # e.g. a dataset without a test split
+    log(f'no test evaluation: {e}')
+    return status
+  log(f'test accuracy of the best checkpoint (step {result["step"]}): {result["accuracy"]:.4f}')
+  status = {**status, 'test': result}
+  if primary:
+    record = rundir.read_status()
+    record.update(test=result)
+    rundir.set_status(**{k: v for k, v in record.items() if k != 'updated'})
+  return status
+
+
+# ---------------------------------------------------------------- executors
+
+
+def _line(i: int, n: int, result: Dict[str, Any]) -> str:
+  status = result.get('status')
+  if status == 'done':
+    what = f'best val {result.get("best_val_accuracy", float("nan")):.4f}'
+    if 'test' in result:
+      what += f', test {result["test"]["accuracy"]:.4f}'
+  else:
+    what = f'{status}: {result.get("reason", "")}'
+  return f'[{i}/{n}] {result["arm"]}/seed_{result["seed"]} {what} ' \
+         f'({format_duration(result.get("seconds", 0))})'
+
+
+class _Progress:
+  def __init__(self, n: int, parallel: int, log):
+    self.n, self.parallel, self.log = n, parallel, log
+    self.done, self.start = 0, time.time()
+
+  def finished(self, result) -> None:
+    self.done += 1
+    elapsed = time.time() - self.start
+    eta = elapsed / self.done * (self.n - self.done)
+    self.log(f'{_line(self.done, self.n, result)} | sweep ETA {format_duration(eta)}')
+
+
+def run_local(tasks: Sequence[Dict[str, Any]], parallel: int = 1, log=echo,
+              kill_at: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
+  """One after another in this process (progress on the console), or `parallel`
+  worker processes, each with its own share of the local GPUs."""
+  progress, results = _Progress(len(tasks), parallel, log), []
+  if parallel <= 1:
+    for i, task in enumerate(tasks):
+      log(f'[{i + 1}/{len(tasks)}] {task["arm"]}/seed_{task["seed"]} -> {task["workdir"]}')
+      stop = kill_at.get('step') if kill_at and kill_at['run'] == i else None
+      result = run_task({**task, 'echo': True, 'stop_after_step': stop})
+      progress.finished(result)
+      results.append(result)
+    return results
+  ctx = multiprocessing.get_context('spawn')
+  slots = ctx.Queue()
+  for group in _device_groups(parallel):
+    slots.put(group)
+  with futures.ProcessPoolExecutor(parallel, mp_context=ctx, initializer=_worker_init,
+                                   initargs=(slots,)) as pool:
+    log(f'{len(tasks)} runs on {parallel} worker processes; each run logs to <run>/log.txt')
+    running = {pool.submit(run_task, task): task for task in tasks}
+    for future in futures.as_completed(running):
+      task = running[future]
+      try:
+        result = future.result()
+      except Exception as e:   # the worker process itself died
+        result = {'status': 'failed', 'reason': f'worker died: {type(e).__name__}: {e}',
+                  'arm': task['arm'], 'seed': task['seed']}
+      progress.finished(result)
+      results.append(result)
+  return results
+
+
+def _device_groups(parallel: int) -> List[Optional[str]]:
+  """CUDA_VISIBLE_DEVICES per worker: the visible GPUs dealt out evenly (None on a
+  machine without GPUs, where every worker sees the same CPU devices)."""
+  visible = os.environ.get('CUDA_VISIBLE_DEVICES')
+  if visible is not None:
+    gpus = [g for g in visible.split(',') if g.strip()]
+  else:
+    try:
+      out = subprocess.run(['nvidia-smi', '-L'], capture_output=True, text=True, timeout=20)
+      gpus = [str(i) for i, l in enumerate(out.stdout.splitlines()) if l.startswith('GPU')]
+    except (OSError, subprocess.SubprocessError):
+      gpus = []
+  if not gpus:
+    return [None] * parallel
+  if len(gpus) < parallel:
+    raise UserError(f'--parallel={parallel} needs at least as many GPUs; {len(gpus)} visible')
+  per = len(gpus) // parallel
+  return [','.join(gpus[i * per:(i + 1) * per]) for i in range(parallel)]
+
+
+def _worker_init(slots) -> None:
+  group = slots.get()
+  if group is not None:
+    os.environ['CUDA_VISIBLE_DEVICES'] = group
+  os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+
+
+def run_submitit(tasks: Sequence[Dict[str, Any]], workdir: str, cluster: str,
+                 params: Dict[str, Any], wait: bool = True, log=echo) -> List[Dict[str, Any]]:
+  """A job array, one task per run, through submitit (cluster 'slurm', or 'local'
+  for its local executor: the same code path on one machine). Each array task may
+  span several hosts (nodes x tasks_per_node processes), which join through
+  jax.distributed."""
+  import submitit
+  folder = os.path.join(workdir, 'slurm', '%j')
+  executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+  executor.update_parameters(**params)
+  tasks = [{**t, 'distributed': 'auto'} for t in tasks]
+  jobs = executor.map_array(run_task, tasks)
+  log(f'submitted {len(jobs)} runs as job array {jobs[0].job_id.split("_")[0]} '
+      f'({cluster}); logs in {os.path.join(workdir, "slurm")}')
+  if not wait:
+    log('not waiting: rerun the same command later to resubmit what did not finish, or '
+        f'python -m launch.report {workdir} for the results so far')
+    return []
+  progress, results, left = _Progress(len(jobs), len(jobs), log), [], dict(zip(jobs, tasks))
+  while left:
+    for job in [j for j in left if j.done()]:
+      task = left.pop(job)
+      try:
+        result = job.result()
+      except Exception as e:   # the job failed outside run_task (killed, timed out, ...)
+        reason = f'{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ""}'
+        RunDir(task['workdir']).set_status('failed', reason) if os.path.isdir(
+            task['workdir']) else None
+        result = {'status': 'failed', 'reason': reason, 'arm': task['arm'],
+                  'seed': task['seed']}
+      progress.finished(result)
+      results.append(result)
+    if left:
+      time.sleep(2)
+  return results
+
+
+def submitit_params(cluster: str, timeout_min: int, partition: str = '', gpus_per_task: int = 0,
+                    nodes: int = 1, tasks_per_node: int = 1, cpus_per_task: int = 0,
+                    mem_gb: float = 0, array_parallelism: int = 0, account: str = '',
+                    qos: str = '', extra: Sequence[str] = (), name: str = 'sweep') -> Dict:
+  params: Dict[str, Any] = {'timeout_min': timeout_min, 'name': name, 'nodes': nodes,
+                            'tasks_per_node': tasks_per_node}
+  if gpus_per_task:
+    params['gpus_per_node'] = gpus_per_task
+  if cpus_per_task:
+    params['cpus_per_task'] = cpus_per_task
+  if mem_gb:
+    params['mem_gb'] = mem_gb
+  if cluster == 'slurm':
+    for key, value in (('partition', partition), ('array_parallelism', array_parallelism),
+                       ('account', account), ('qos', qos)):
+      if value:
+        params[f'slurm_{key}'] = value
+    additional = {}
+    for item in extra:
+      if '=' not in item:
+        raise UserError(f'--slurm_extra item {item!r} must be key=value (an sbatch option)')
+      k, v = item.split('=', 1)
+      additional[k.strip()] = v.strip()
+    if additional:
+      params['slurm_additional_parameters'] = additional
+  elif nodes > 1:
+    raise UserError('--slurm_nodes > 1 needs --executor=slurm (the local executor has one node)')
+  return params
+
+
+def stage_scores(tasks: Sequence[Dict[str, Any]]) -> Dict[str, float]:
+  """Mean best val accuracy over the seeds of each arm (runs that finished)."""
+  by_arm: Dict[str, List[float]] = {}
+  for t in tasks:
+    status = RunDir(t['workdir']).read_status()
+    if status.get('status') == 'done' and status.get('best_val_accuracy') is not None:
+      by_arm.setdefault(t['arm'], []).append(status['best_val_accuracy'])
+  return {arm: sum(v) / len(v) for arm, v in by_arm.items()}
+
+
+def execute(tasks: Sequence[Dict[str, Any]], workdir: str, executor: str, parallel: int = 1,
+            submitit_args: Optional[Dict[str, Any]] = None, wait: bool = True, log=echo,
+            kill_at=None) -> List[Dict[str, Any]]:
+  todo = pending(tasks)
+  skipped = len(tasks) - len(todo)
+  if skipped:
+    log(f'{skipped} of {len(tasks)} runs already finished (or diverged): skipped')
+  if not todo:
+    return []
+  if executor == 'local':
+    return run_local(todo, parallel, log, kill_at)
+  cluster = 'slurm' if executor == 'slurm' else 'local'
+  return run_submitit(todo, workdir, cluster, submitit_args or {}, wait, log)
