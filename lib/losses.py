@@ -56,7 +56,7 @@ def squared_hinge(logits):
 
 def per_class(name: str, logits):
   """The (B, C) per-class loss matrix of loss `name` (UserError if unknown)."""
-  return LOSSES.get(name).fn(logits.astype(jnp.float32))
+  return LOSSES.get(name).fn(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)))
 
 
 def loss(name: str, logits, targets):

@@ -17,7 +17,9 @@ Random streams: 'dropout' (dropout masks), 'noise' (hidden-unit noise),
 activation sows sum|h| / batch into the 'losses' collection.
 
 Computation runs in `dtype` (float32 or bfloat16); parameters stay float32;
-logits come out float32.
+logits come out float32 (float64 when `dtype` is float64, for gradient checks).
+Each activation's output is sown into the 'activations' collection, which is
+kept only where a caller makes it mutable (`activations()` below).
 """
 import dataclasses
 import functools
@@ -102,7 +104,8 @@ NORMS.add('layer', lambda train, dtype, scale_init: nn.LayerNorm(dtype=dtype,
 NORMS.add('group', lambda train, dtype, scale_init: _GroupNorm(dtype=dtype, scale_init=scale_init))
 # Instance norm: one group per channel, statistics over each image's spatial map.
 NORMS.add('instance', lambda train, dtype, scale_init: nn.GroupNorm(
-    num_groups=None, group_size=1, dtype=dtype, scale_init=scale_init), needs_spatial=True)
+    num_groups=None, group_size=1, dtype=dtype, scale_init=scale_init),
+    needs_spatial=True)
 
 
 class _GroupNorm(nn.Module):
@@ -146,6 +149,8 @@ class Layers(nn.Module):
       x = Maxout(dtype=self.dtype, opts=self.opts)(x)
     else:
       x = ACTIVATIONS.get(self.activation).fn(x)
+    # Kept only when 'activations' is mutable (diagnostics, TensorBoard histograms).
+    self.sow('activations', 'out', x)
     if train and self.opts.activation_l1:
       self.sow('losses', 'activation_l1', jnp.sum(jnp.abs(x.astype(jnp.float32))) / x.shape[0])
     if train and self.opts.noise_hidden:
@@ -182,7 +187,8 @@ class Model(Layers):
 
   def classifier(self, x, train, hp):
     x = self.dropout(x, train, hp, 'head')
-    return self.dense(self.num_classes, last=True)(x).astype(jnp.float32)
+    logits = self.dense(self.num_classes, last=True)(x)
+    return logits.astype(jnp.promote_types(self.dtype, jnp.float32))   # f32 (f64 grad checks)
 
   def block_kwargs(self):
     return dict(activation=self.activation, norm=self.norm, dtype=self.dtype, opts=self.opts)
@@ -502,11 +508,36 @@ MODELS.add('wide_resnet', WideResNet, depth=28, width=10, residual=True)
 MODELS.add('mobilenet', MobileNet, depth=28, width=32, fixed_depth=28)
 
 
-def build(model_config, num_classes: int, regularize=None) -> nn.Module:
+def build(model_config, num_classes: int, regularize=None, dtype=None) -> nn.Module:
   """The model of `model_config`; `regularize` (config.regularize) puts the
-  train-time regularizers it turns on into the program (None: none)."""
+  train-time regularizers it turns on into the program (None: none). `dtype`
+  overrides model.dtype (float64 for gradient checks)."""
   entry = MODELS.get(model_config.name)
-  dtype = jnp.bfloat16 if model_config.dtype == 'bfloat16' else jnp.float32
+  if dtype is None:
+    dtype = jnp.bfloat16 if model_config.dtype == 'bfloat16' else jnp.float32
   return entry.fn(num_classes=num_classes, depth=model_config.depth, width=model_config.width,
                   activation=model_config.activation, norm=model_config.norm, dtype=dtype,
                   opts=Options.from_config(model_config, regularize))
+
+
+def activations(model, variables, images, hp=None, train=True):
+  """[(name, output)] of every activation layer for one batch, grouped by module in
+  the order the modules are first used ('model[i]': the i-th activation of the top
+  module, 'BasicBlock_3[1]': the second one inside that block).
+
+  With train=True normalization uses the batch's statistics (as at a training step)
+  and no train-time randomness is drawn unless the model's options turn it on.
+  """
+  _, state = model.apply(variables, images, train=train, hp=hp,
+                         mutable=['activations', 'batch_stats'])
+  out = []
+
+  def walk(tree, path):
+    for key, value in tree.items():   # insertion order is call order
+      if isinstance(value, dict):
+        walk(value, path + (key,))
+      else:
+        for i, x in enumerate(value):
+          out.append((f'{"/".join(path) or "model"}[{i}]', x))
+  walk(state.get('activations', {}), ())
+  return out

@@ -79,7 +79,7 @@ def decay_mask(params, decay_all: bool = False):
 
 def l2_penalty(params, mask):
   """sum(w^2) / 2 over the masked leaves (multiply by lambda)."""
-  leaves = [jnp.sum(jnp.square(p.astype(jnp.float32)))
+  leaves = [jnp.sum(jnp.square(p.astype(jnp.promote_types(p.dtype, jnp.float32))))
             for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if m]
   return 0.5 * sum(leaves) if leaves else jnp.zeros((), jnp.float32)
 

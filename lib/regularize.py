@@ -74,7 +74,7 @@ def kernel_mask(params, dense_only: bool = False):
 
 def l1_penalty(params, mask):
   """sum |w| over the masked leaves (multiply by lambda)."""
-  leaves = [jnp.sum(jnp.abs(p.astype(jnp.float32)))
+  leaves = [jnp.sum(jnp.abs(p.astype(jnp.promote_types(p.dtype, jnp.float32))))
             for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if m]
   return sum(leaves) if leaves else jnp.zeros((), jnp.float32)
 
