@@ -15,7 +15,7 @@ from lib.errors import UserError
 
 # Keys that change how a run is watched, not what it computes: a workdir may be
 # resumed with different values of these.
-NON_SEMANTIC_KEYS = frozenset({'train.log_every'})
+NON_SEMANTIC_KEYS = frozenset({'train.log_every', 'train.tb_histograms'})
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -34,7 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.depth = -1            # -1: the model's default (see README table)
   c.model.width = -1            # -1: the model's default
   c.model.activation = 'relu'
-  c.model.norm = 'batch'        # batch | layer | group | none
+  c.model.norm = 'batch'        # batch | layer | group | instance | none
   c.model.dtype = 'float32'     # compute dtype: float32 | bfloat16 (params stay f32)
   c.model.init = 'kaiming_normal'  # kernel init of every conv/dense layer (lib/inits.py)
   c.model.init_scale = 0.01     # normal: std; uniform: half-width; constant: value
@@ -97,6 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 50        # steps between console progress lines
   c.train.early_stop_patience = 0  # stop after this many evaluations without a new best; 0 = off
   c.train.eval_tta = 'none'     # test-time augmentation of evaluations: none | flip | crops
+  c.train.tb_histograms = False  # weight and activation histograms to TensorBoard at each eval
   return c
 
 

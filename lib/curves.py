@@ -9,7 +9,8 @@ say about them, each with its evidence:
   decayed_too_early   loss still falling fast, flat right after a step decay
   overfitting         val accuracy falling (or val loss rising, or the gap growing)
                       while train accuracy rises
-  underfitting        train and val accuracy equal, low and flat
+  underfitting        train and val accuracy equal, low and flat (unless a plateau
+                      or an early decay already explains it)
   train_longer        train and val accuracy both still rising, the gap steady
 
 Thresholds are module constants, stated in each finding's evidence.
@@ -101,7 +102,8 @@ def diagnose(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, str]]:
   q = max(n - max(2, n // 4) - 1, 0)
   train_gain, val_gain = ta[-1] - ta[q], va[-1] - va[q]
   rising = train_gain > RISING and val_gain > RISING
-  if abs(gap[-1]) < 0.03 and ta[-1] < LOW_ACCURACY and not rising:
+  schedule_problem = any(f['finding'] in ('plateau', 'decayed_too_early') for f in out)
+  if abs(gap[-1]) < 0.03 and ta[-1] < LOW_ACCURACY and not rising and not schedule_problem:
     add('underfitting', f'train and val accuracy equal and low at the end ({ta[-1]:.3f} vs '
         f'{va[-1]:.3f}, gap {gap[-1]:+.3f}) and no longer rising',
         'a bigger model, less regularization, a higher learning rate')

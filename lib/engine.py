@@ -104,6 +104,24 @@ class Engine:
     return float(self.config.optim.lr * self.lr_multiplier(step))
 
   # ----- evaluation -----
+  def activations(self, state, split: str = 'val', examples: int = 256):
+    """[(name, values)] of every activation layer on the first `examples` images of
+    `split`, in evaluation mode (for train.tb_histograms)."""
+    if not hasattr(self, '_capture'):
+      names = []
+
+      def capture(state, images):
+        x = (images.astype(jnp.float32) / 255.0 - self.mean) / self.std
+        acts = models.activations(self.model, {'params': state.params,
+                                               'batch_stats': state.batch_stats}, x, train=False)
+        names[:] = [n for n, _ in acts]
+        return [a for _, a in acts]
+      self._capture = (jax.jit(capture), names)
+    fn, names = self._capture
+    images = self.dataset.split(split)[0][:examples]
+    values = jax.device_get(fn(state, images))
+    return list(zip(names, values))
+
   @functools.lru_cache(maxsize=None)
   def _eval_split(self, tta: str):
     """One compiled program for a whole split: a scan over fixed padded batches.

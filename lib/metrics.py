@@ -41,6 +41,19 @@ class MetricsWriter:
       self.tb.file_writer.add_summary(summary)
     self.tb.flush()
 
+  def histograms(self, step: int, params: Any, activations) -> None:
+    """Histograms of every parameter tensor ('weights/<path>') and of every
+    activation layer ('activations/<name>') at `step` (train.tb_histograms)."""
+    import jax
+    import numpy as np
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+      name = '/'.join(str(getattr(k, 'key', k)) for k in path)
+      self.tb.add_histogram(f'weights/{name}', np.asarray(leaf, np.float32), global_step=step)
+    for name, value in activations:
+      self.tb.add_histogram(f'activations/{name}', np.asarray(value, np.float32),
+                            global_step=step)
+    self.tb.flush()
+
   def close(self) -> None:
     self.tb.close()
 

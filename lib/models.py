@@ -522,8 +522,8 @@ def build(model_config, num_classes: int, regularize=None, dtype=None) -> nn.Mod
 
 def activations(model, variables, images, hp=None, train=True):
   """[(name, output)] of every activation layer for one batch, grouped by module in
-  the order the modules are first used ('model[i]': the i-th activation of the top
-  module, 'BasicBlock_3[1]': the second one inside that block).
+  the order the modules are first used ('act0': the first activation of the top
+  module, 'BasicBlock_3/act1': the second one inside that block).
 
   With train=True normalization uses the batch's statistics (as at a training step)
   and no train-time randomness is drawn unless the model's options turn it on.
@@ -538,6 +538,6 @@ def activations(model, variables, images, hp=None, train=True):
         walk(value, path + (key,))
       else:
         for i, x in enumerate(value):
-          out.append((f'{"/".join(path) or "model"}[{i}]', x))
+          out.append(('/'.join(path + (f'act{i}',)), x))
   walk(state.get('activations', {}), ())
   return out

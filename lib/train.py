@@ -148,6 +148,8 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False, mesh=None,
       log(f'  eval step {done}: val_loss {val["loss"]:.4f} val_accuracy {val["accuracy"]:.4f}')
       if primary:
         writer.write(row)
+        if config.train.tb_histograms:
+          writer.histograms(done, jax.device_get(state.params), eng.activations(state))
       checkpoints.save(done, state, {**meta_base, 'step': done, 'epoch': row['epoch'],
                                      'wall_time': row['wall_time']},
                        {'val_accuracy': val['accuracy'], 'val_loss': val['loss']})
