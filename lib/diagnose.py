@@ -13,6 +13,7 @@ step as launch.train (`lib/engine.py`), on the same mesh.
 """
 import dataclasses
 import math
+import time
 from typing import Any, Callable, Dict, List, Optional
 
 import jax
@@ -21,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from lib import config as config_lib
-from lib import losses, models, optim, regularize, sharding
+from lib import losses, metrics, models, optim, regularize, sharding
 from lib.engine import Engine
 from lib.errors import UserError
 
@@ -154,7 +155,8 @@ def _expected_name(loss_name, c):
 
 
 def overfit_small(config, dataset, mesh, batches: int = 5, max_steps: int = 1000,
-                  check_every: int = 20, plot: Optional[str] = None) -> Result:
+                  check_every: int = 20, plot: Optional[str] = None,
+                  log: Callable = lambda m: None) -> Result:
   """Trains on the first `batches` batches alone (regularization and augmentation
   off, constant learning rate) until they are classified 100% correctly in
   evaluation mode, or `max_steps`."""
@@ -177,7 +179,7 @@ def overfit_small(config, dataset, mesh, batches: int = 5, max_steps: int = 1000
     return not math.isfinite(loss)
 
   # Train `every` steps at a time, then evaluate the sample in eval mode.
-  state, reached, step = eng.init_state(), None, 0
+  state, reached, step, start = eng.init_state(), None, 0, time.time()
   while step < max_steps and reached is None:
     n_steps = min(every, max_steps - step)
     state, done = _train(eng, state, n_steps, n_steps, on_read)
@@ -188,6 +190,10 @@ def overfit_small(config, dataset, mesh, batches: int = 5, max_steps: int = 1000
     history[-1]['sample_accuracy'] = eng.evaluate(state, 'val')['accuracy']
     if history[-1]['sample_accuracy'] >= 1.0:
       reached = step
+    elapsed = time.time() - start
+    log(f'  step {step}/{max_steps}: train_loss {history[-1]["train_loss"]:.4f} sample accuracy '
+        f'{history[-1]["sample_accuracy"]:.4f} | {step * b / elapsed:,.0f} ex/s | at most '
+        f'{metrics.format_duration(elapsed / step * (max_steps - step))} left')
   final = history[-1]
   numbers = {'batches': batches, 'examples': n, 'lr': c.optim.lr, 'steps_to_100': reached,
              'steps': step, 'final_sample_accuracy': final.get('sample_accuracy'),
@@ -231,7 +237,7 @@ def _plot_overfit(path, history, n):
 
 def lr_range(config, dataset, mesh, lr_min: float = 1e-4, lr_max: float = 10.0,
              points: int = 11, steps: int = 100, mode: str = 'grid',
-             plot: Optional[str] = None) -> Result:
+             plot: Optional[str] = None, log: Callable = lambda m: None) -> Result:
   """grid: `points` log-spaced rates, each trained `steps` steps from the same init
   (constant rate, the config's regularization); the recommended rate is the one
   whose loss fell most. ramp: one run whose rate grows exponentially from lr_min
@@ -243,17 +249,17 @@ def lr_range(config, dataset, mesh, lr_min: float = 1e-4, lr_max: float = 10.0,
   c = with_overrides(config, {'schedule.name': 'constant', 'schedule.warmup_epochs': 0.0})
   eng = Engine(c, dataset, mesh)
   fn = _lr_grid if mode == 'grid' else _lr_ramp
-  return fn(eng, c, lr_min, lr_max, points, steps, plot)
+  return fn(eng, c, lr_min, lr_max, points, steps, plot, log)
 
 
 def _set_lr(eng: Engine, lr: float) -> None:
   eng.hparams = {**eng.hparams, 'lr': sharding.to_global(np.float32(lr), eng.rep)}
 
 
-def _lr_grid(eng, c, lr_min, lr_max, points, steps, plot):
+def _lr_grid(eng, c, lr_min, lr_max, points, steps, plot, log):
   window = max(1, steps // 10)
-  runs = []
-  for lr in np.geomspace(lr_min, lr_max, points):
+  runs, start = [], time.time()
+  for k, lr in enumerate(np.geomspace(lr_min, lr_max, points)):
     _set_lr(eng, lr)
     curve = []
 
@@ -266,11 +272,17 @@ def _lr_grid(eng, c, lr_min, lr_max, points, steps, plot):
     drop = (first - last) / first if not diverged else -math.inf
     runs.append({'lr': float(lr), 'curve': curve, 'first_loss': first, 'last_loss': last,
                  'drop': drop, 'diverged': bool(diverged)})
+    elapsed = time.time() - start
+    log(f'  [{k + 1}/{points}] lr {lr:.3g}: loss {first:.4f} -> {last:.4f}'
+        f'{" (diverged)" if diverged else ""} | '
+        f'{(k + 1) * steps * c.train.batch_size / elapsed:,.0f} ex/s | ETA '
+        f'{metrics.format_duration(elapsed / (k + 1) * (points - k - 1))}')
   ok = [r for r in runs if not r['diverged']]
   best = max(ok, key=lambda r: r['drop']) if ok else None
   numbers = {'mode': 'grid', 'steps': steps, 'runs': runs, 'configured_lr': c.optim.lr,
              'recommended_lr': best['lr'] if best else None}
-  plots = [_plot_grid(plot, runs, best)] if plot else []
+  plots = [_plot_grid(plot, runs, best if best and best['drop'] >= 0.05 else None)] if plot \
+      else []
   diverging = [r['lr'] for r in runs if r['diverged']]
   tail = f'; diverged from lr {min(diverging):.3g}' if diverging else ''
   if best is None or best['drop'] < 0.05:
@@ -285,7 +297,7 @@ def _lr_grid(eng, c, lr_min, lr_max, points, steps, plot):
   return Result('lr_range', PASS, what, numbers, plots)
 
 
-def _lr_ramp(eng, c, lr_min, lr_max, points, steps, plot):
+def _lr_ramp(eng, c, lr_min, lr_max, points, steps, plot, log):
   lrs = np.geomspace(lr_min, lr_max, steps)
   state, sums, spe, losses_, smooth, avg = eng.init_state(), eng.zero_sums(), \
       eng.steps_per_epoch, [], [], 0.0
@@ -329,10 +341,10 @@ def _plot_grid(path, runs, best):
   fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
   ok = [r for r in runs if not r['diverged']]
   a.plot([r['lr'] for r in ok], [r['last_loss'] for r in ok], 'o-', label='loss after the run')
-  top = max([r['first_loss'] for r in runs if math.isfinite(r['first_loss'])] or [1.0])
+  top = 1.1 * max([max(r['first_loss'], r['last_loss']) for r in ok] or [1.0])
   bad = [r['lr'] for r in runs if r['diverged']]
   if bad:
-    a.plot(bad, [top] * len(bad), 'rx', label='diverged')
+    a.plot(bad, [top] * len(bad), 'rx', label='diverged (off the scale)')
   if best:
     a.axvline(best['lr'], color='C2', ls='--', label=f'recommended {best["lr"]:.3g}')
   a.set_xscale('log')
@@ -653,11 +665,11 @@ def run(checks: List[str], workdir: str, config=None, curves_from: Optional[str]
       'overfit_small': lambda: overfit_small(config, dataset, mesh,
                                              o.get('overfit_batches', 5),
                                              o.get('overfit_steps', 1000),
-                                             plot=png('overfit_small.png')),
+                                             plot=png('overfit_small.png'), log=log),
       'lr_range': lambda: lr_range(config, dataset, mesh, o.get('lr_min', 1e-4),
                                    o.get('lr_max', 10.0), o.get('lr_points', 11),
                                    o.get('lr_steps', 100), o.get('lr_mode', 'grid'),
-                                   plot=png('lr_range.png')),
+                                   plot=png('lr_range.png'), log=log),
       'activations': lambda: activations(config, dataset, mesh, o.get('activation_steps', 20),
                                          plot=png('activations.png')),
       'grad_check': lambda: grad_check(config, dataset),
