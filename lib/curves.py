@@ -11,7 +11,8 @@ say about them, each with its evidence:
                       while train accuracy rises
   underfitting        train and val accuracy equal, low and flat (unless a plateau
                       or an early decay already explains it)
-  train_longer        train and val accuracy both still rising, the gap steady
+  train_longer        train and val accuracy both still rising at a constant rate, the
+                      gap steady
 
 Thresholds are module constants, stated in each finding's evidence.
 """
@@ -101,7 +102,9 @@ def diagnose(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, str]]:
   # the last quarter: still rising?
   q = max(n - max(2, n // 4) - 1, 0)
   train_gain, val_gain = ta[-1] - ta[q], va[-1] - va[q]
-  rising = train_gain > RISING and val_gain > RISING
+  # Only at a constant rate: a decaying schedule's final rise is its annealing.
+  rising = (train_gain > RISING and val_gain > RISING
+            and lr[q:].max() <= 1.01 * lr[q:].min())
   schedule_problem = any(f['finding'] in ('plateau', 'decayed_too_early') for f in out)
   if abs(gap[-1]) < 0.03 and ta[-1] < LOW_ACCURACY and not rising and not schedule_problem:
     add('underfitting', f'train and val accuracy equal and low at the end ({ta[-1]:.3f} vs '

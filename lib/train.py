@@ -146,10 +146,12 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False, mesh=None,
              'val_accuracy': val['accuracy'], 'lr': lr,
              'examples_per_sec': speed, 'wall_time': wall_offset + time.time() - run_start}
       log(f'  eval step {done}: val_loss {val["loss"]:.4f} val_accuracy {val["accuracy"]:.4f}')
+      # Every process runs the same programs (multi-host); only the primary writes.
+      acts = eng.activations(state) if config.train.tb_histograms else None
       if primary:
         writer.write(row)
-        if config.train.tb_histograms:
-          writer.histograms(done, jax.device_get(state.params), eng.activations(state))
+        if acts is not None:
+          writer.histograms(done, jax.device_get(state.params), acts)
       checkpoints.save(done, state, {**meta_base, 'step': done, 'epoch': row['epoch'],
                                      'wall_time': row['wall_time']},
                        {'val_accuracy': val['accuracy'], 'val_loss': val['loss']})

@@ -143,6 +143,8 @@ def test_activation_judgements():
   assert 'saturated' in diagnose.judge_activations([layer(1, sat=0.8)] * 3)[0]
   assert 'dead' in diagnose.judge_activations([layer(1, dead=0.7)] * 3)[0]
   assert 'zero' in diagnose.judge_activations([layer(0)] * 3)[0]
+  blown = diagnose.activation_stats('b', np.array([[1.0, np.inf], [np.nan, 2.0]]), 'relu')
+  assert blown['nonfinite'] == 0.5 and 'non-finite' in diagnose.judge_activations([blown])[0]
   h = np.array([[0.0, 1.0, -0.995], [0.0, 0.5, 0.999]])
   s = diagnose.activation_stats('t', h, 'tanh')
   assert s['saturated'] == pytest.approx(3 / 6)    # 1.0, -0.995, 0.999
@@ -232,8 +234,7 @@ CURVES = {
                          lr=[0.1 * (1 - i / 10) for i in range(10)]),
     'train_longer': rows([2.0, 1.6, 1.3, 1.1, 0.95, 0.85, 0.77, 0.7, 0.64, 0.59],
                          [.3, .42, .5, .56, .61, .65, .68, .71, .735, .755],
-                         [.29, .4, .48, .53, .58, .62, .65, .68, .705, .725],
-                         lr=[0.1 * (1 - i / 10) for i in range(10)]),
+                         [.29, .4, .48, .53, .58, .62, .65, .68, .705, .725]),
 }
 
 
@@ -251,6 +252,17 @@ def test_a_healthy_run_has_no_finding():
                  lr=[0.1 * (1 + math.cos(math.pi * i / 10)) / 2 for i in range(10)])
   assert names(healthy) == []
   assert names(healthy[:3]) == []             # too few evaluations to judge
+  # A cosine run rises fastest at its end, as the rate anneals: not "train longer".
+  n = 100
+  cosine = rows([1.0 - 0.9 * i / n for i in range(n)],
+                [0.90 + 0.09 * (i / n) ** 3 for i in range(n)],
+                [0.83 + 0.08 * (i / n) ** 3 for i in range(n)],
+                lr=[0.1 * (1 + math.cos(math.pi * i / n)) / 2 for i in range(n)])
+  assert 'train_longer' not in names(cosine)
+  constant = rows([1.0 - 0.9 * i / n for i in range(n)],
+                  [0.90 + 0.09 * (i / n) ** 3 for i in range(n)],
+                  [0.83 + 0.08 * (i / n) ** 3 for i in range(n)])
+  assert 'train_longer' in names(constant)
 
 
 # ---------------------------------------------------------------- the command, TensorBoard
@@ -276,7 +288,8 @@ def test_diagnose_command_writes_json_and_pngs_and_archives(tmp_path):
   assert any(l.startswith('PASS initial_loss: loss') for l in lines)
   assert any(l.startswith('PASS overfit_small:') for l in lines)
   assert any(l.split(' ')[1] == 'curves:' for l in lines if l[:4] in ('PASS', 'WARN'))
-  record = json.load(open(os.path.join(w, 'diagnose.json')))
+  record = json.loads(open(os.path.join(w, 'diagnose.json')).read(),
+                      parse_constant=lambda c: pytest.fail(f'non-strict JSON: {c}'))
   assert [c['check'] for c in record['checks']] == ['initial_loss', 'overfit_small', 'curves']
   assert record['config']['model']['name'] == 'mlp'
   assert os.path.exists(os.path.join(w, 'overfit_small.png'))
@@ -292,6 +305,8 @@ def test_diagnose_command_fails_clearly(tmp_path):
   assert p.returncode == 1 and p.stderr.strip().splitlines()[-1].startswith('error: checks')
   p = _run(f'--workdir={tmp_path}', '--config=experiments/quickstart.py', '--checks=speed')
   assert p.returncode == 1 and 'unknown check' in p.stderr and 'Traceback' not in p.stderr
+  p = _run(f'--workdir={tmp_path}', '--config=experiments/quickstart.py', '--overfit_batches=0')
+  assert p.returncode == 1 and 'overfit_batches=0 must be positive' in p.stderr
   p = _run(f'--workdir={tmp_path}', '--checks=curves', f'--curves_from={tmp_path}/none')
   assert p.returncode == 1 and 'no run under' in p.stderr
   assert not os.path.exists(tmp_path / 'diagnose.json')
