@@ -18,84 +18,16 @@ from typing import Any, Callable, Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from lib import config as config_lib
-from lib import losses, metrics, models, optim, regularize, sharding
+from lib import losses, metrics, sharding
+from lib.activation_check import activation_stats, activations, judge_activations  # noqa: F401
+from lib.checks import (FAIL, PASS, WARN, Result, inputs, plain, pyplot,  # noqa: F401
+                        train_steps, with_overrides, worst)
 from lib.engine import Engine
 from lib.errors import UserError
-
-PASS, WARN, FAIL = 'PASS', 'WARN', 'FAIL'
-_ORDER = {PASS: 0, WARN: 1, FAIL: 2}
-
-
-@dataclasses.dataclass
-class Result:
-  check: str
-  verdict: str
-  summary: str
-  numbers: Dict[str, Any] = dataclasses.field(default_factory=dict)
-  plots: List[str] = dataclasses.field(default_factory=list)
-
-  def line(self) -> str:
-    return f'{self.verdict} {self.check}: {self.summary}'
-
-
-def worst(verdicts) -> str:
-  return max(verdicts, key=_ORDER.__getitem__, default=PASS)
-
-
-# ---------------------------------------------------------------- configs and data
-
-
-def with_overrides(config, overrides: Dict[str, Any]):
-  """A resolved copy of `config` with flat dotted overrides."""
-  c = ml_collections.ConfigDict(config.to_dict())
-  for key, value in overrides.items():
-    group, name = key.split('.')
-    c[group][name] = value
-  return config_lib.resolve(c)
-
-
-def plain(config):
-  """`config` with every regularizer and augmentation off (their base defaults), no
-  decoupled decay and no TTA: what the recipe's first steps ask for."""
-  c = ml_collections.ConfigDict(config.to_dict())
-  base = config_lib.base_config()
-  c.regularize = base.regularize
-  c.augment = base.augment
-  c.optim.weight_decay = 0.0
-  c.train.eval_tta = 'none'
-  return config_lib.resolve(c)
-
-
-def _inputs(dataset, n: int, dtype=np.float32):
-  """The first `n` training images, normalized as the train step does, and labels."""
-  images, labels = dataset.train
-  x = images[:n].astype(np.float64) / 255.0
-  x = (x - dataset.mean) / dataset.std
-  return x.astype(dtype), labels[:n]
-
-
-def _train(eng: Engine, state, steps: int, read_every: int, on_read: Callable = None):
-  """`steps` train steps from `state`; every `read_every` steps calls
-  on_read(step, mean loss since the last read, train accuracy) and stops if it
-  returns True. Returns (state, steps done)."""
-  spe, sums, idx, done = eng.steps_per_epoch, eng.zero_sums(), None, 0
-  for step in range(int(state.step), int(state.step) + steps):
-    if idx is None or step % spe == 0:
-      idx = eng.epoch_indices(step // spe)
-    state, sums = eng.train_step(state, idx, sums)
-    done += 1
-    if on_read and (done % read_every == 0 or done == steps):
-      host = jax.device_get(sums)
-      loss = float(host['loss'] / max(host['steps'], 1))
-      acc = float(host['correct'] / max(host['examples'], 1))
-      sums = eng.zero_sums()
-      if on_read(done, loss, acc):
-        break
-  return state, done
+from lib.gradcheck import check_gradient, grad_check, small_instance  # noqa: F401
 
 
 # ---------------------------------------------------------------- 1. initial loss
@@ -114,7 +46,7 @@ def initial_loss(config, dataset, mesh, examples: int = 512,
   c = plain(config)
   eng = Engine(c, dataset, mesh)
   state = eng.init_state()
-  x, y = _inputs(dataset, examples)
+  x, y = inputs(dataset, examples)
   name, num_classes = c.train.loss, dataset.num_classes
   loss_fn = loss_fn or (lambda logits, targets: losses.loss(name, logits, targets))
 
@@ -182,7 +114,7 @@ def overfit_small(config, dataset, mesh, batches: int = 5, max_steps: int = 1000
   state, reached, step, start = eng.init_state(), None, 0, time.time()
   while step < max_steps and reached is None:
     n_steps = min(every, max_steps - step)
-    state, done = _train(eng, state, n_steps, n_steps, on_read)
+    state, done = train_steps(eng, state, n_steps, n_steps, on_read)
     step += done
     history[-1]['step'] = step
     if not math.isfinite(history[-1]['train_loss']):
@@ -213,7 +145,7 @@ def overfit_small(config, dataset, mesh, batches: int = 5, max_steps: int = 1000
 
 
 def _plot_overfit(path, history, n):
-  plt = _pyplot()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(6, 3.5))
   steps = [h['step'] for h in history]
   ax.plot(steps, [h['train_loss'] for h in history], color='C0', label='train loss')
@@ -269,9 +201,9 @@ def _lr_grid(eng, c, lr_min, lr_max, points, steps, plot, log):
       return not math.isfinite(loss) or loss > 3 * curve[0][1]
     # Step 1's loss is computed before any update: the same initial loss for every
     # rate, which each rate's last window is compared with.
-    state, _ = _train(eng, eng.init_state(), 1, 1, on_read)
+    state, _ = train_steps(eng, eng.init_state(), 1, 1, on_read)
     if math.isfinite(curve[0][1]):
-      _train(eng, state, steps - 1, window, lambda s, l, a: on_read(s + 1, l, a))
+      train_steps(eng, state, steps - 1, window, lambda s, l, a: on_read(s + 1, l, a))
     first, last = curve[0][1], curve[-1][1]
     diverged = not math.isfinite(last) or last > 1.5 * first or curve[-1][0] < steps
     drop = (first - last) / first if not diverged else -math.inf
@@ -342,7 +274,7 @@ def _lr_ramp(eng, c, lr_min, lr_max, points, steps, plot, log):
 
 
 def _plot_grid(path, runs, best):
-  plt = _pyplot()
+  plt = pyplot()
   fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
   ok = [r for r in runs if not r['diverged']]
   a.plot([r['lr'] for r in ok], [r['last_loss'] for r in ok], 'o-', label='loss after the run')
@@ -368,7 +300,7 @@ def _plot_grid(path, runs, best):
 
 
 def _plot_ramp(path, lrs, raw, smooth, best):
-  plt = _pyplot()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(6, 4))
   ax.plot(lrs, raw, alpha=0.3, label='loss')
   ax.plot(lrs, smooth, label='smoothed')
@@ -381,236 +313,6 @@ def _plot_ramp(path, lrs, raw, smooth, best):
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return path
-
-
-def _pyplot():
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  return plt
-
-
-# ---------------------------------------------------------------- 4. activations
-
-
-def activation_stats(name: str, h: np.ndarray, activation: str) -> Dict[str, Any]:
-  """Mean, std, histogram, dead-unit and saturation fractions of one layer's output
-  (units: the last axis; a ReLU unit is dead when it is 0 for every example and
-  position)."""
-  h = np.asarray(h, np.float64)
-  finite = np.isfinite(h)
-  nonfinite = float(1 - finite.mean()) if h.size else 0.0
-  h = np.where(finite, h, 0.0)
-  lo, hi = {'tanh': (-1.0, 1.0), 'sigmoid': (0.0, 1.0)}.get(
-      activation, (float(h.min()), float(h.max()) if h.max() > h.min() else float(h.min()) + 1))
-  counts, edges = np.histogram(h, bins=40, range=(lo, hi))
-  units = h.reshape(-1, h.shape[-1])
-  stats = {'name': name, 'mean': float(h.mean()), 'std': float(h.std()),
-           'hist': counts.tolist(), 'edges': [float(edges[0]), float(edges[-1])],
-           'dead': float(np.mean(np.all(units == 0, axis=0))) if activation == 'relu' else 0.0,
-           'saturated': 0.0, 'nonfinite': nonfinite}
-  if activation == 'tanh':
-    stats['saturated'] = float(np.mean(np.abs(h) > 0.99))
-  elif activation == 'sigmoid':
-    stats['saturated'] = float(np.mean((h < 0.01) | (h > 0.99)))
-  return stats
-
-
-def judge_activations(layers: List[Dict[str, Any]]) -> List[str]:
-  """Problems of one snapshot: vanishing or exploding std over depth, saturated
-  or dead layers."""
-  problems = []
-  if not layers:
-    return problems
-  bad = [l for l in layers if l.get('nonfinite', 0) > 0]
-  if bad:
-    return [f'non-finite activations (NaN/inf) from {bad[0]["name"]} on: lower optim.lr or the '
-            'init scale']
-  stds = [l['std'] for l in layers]
-  if max(stds) == 0:
-    return ['every activation is 0 (no signal: a zeros init?)']
-  if len(layers) >= 3 and stds[-1] < 0.1 * stds[0]:
-    problems.append(f'vanishing: std falls from {stds[0]:.3g} to {stds[-1]:.3g} over '
-                    f'{len(layers)} layers')
-  if len(layers) >= 3 and stds[-1] > 10 * stds[0]:
-    problems.append(f'exploding: std grows from {stds[0]:.3g} to {stds[-1]:.3g} over '
-                    f'{len(layers)} layers')
-  sat = [l for l in layers if l['saturated'] > 0.5]
-  if sat:
-    problems.append(f'saturated: {len(sat)} layer(s) with most units at the flat ends '
-                    f'(worst {max(l["saturated"] for l in sat):.0%}, {sat[0]["name"]})')
-  dead = [l for l in layers if l['dead'] > 0.5]
-  if dead:
-    problems.append(f'dead ReLUs: {len(dead)} layer(s) with most units never active '
-                    f'(worst {max(l["dead"] for l in dead):.0%}, {dead[0]["name"]})')
-  return problems
-
-
-def activations(config, dataset, mesh, steps: int = 20, examples: int = 256,
-                plot: Optional[str] = None) -> Result:
-  """Per-layer activation statistics for the configured init at step 0 and after
-  `steps` train steps (regularization off), on the first `examples` images in
-  training mode (batch statistics). WARN on vanishing / exploding std, saturation
-  or dead ReLUs, as in the lectures' deep-tanh demonstration."""
-  c = plain(config)
-  eng = Engine(c, dataset, mesh)
-  x, _ = _inputs(dataset, examples)
-  names: List[str] = []
-
-  @jax.jit
-  def capture(state, x):
-    acts = models.activations(eng.model, {'params': state.params,
-                                          'batch_stats': state.batch_stats}, x)
-    names[:] = [n for n, _ in acts]
-    return [a for _, a in acts]
-
-  act = c.model.activation
-  state = eng.init_state()
-  snapshots = {'init': [activation_stats(n, a, act)
-                        for n, a in zip(names, jax.device_get(capture(state, x)))]}
-  if steps:
-    state, _ = _train(eng, state, steps, steps)
-    snapshots[f'step {steps}'] = [activation_stats(n, a, act)
-                                  for n, a in zip(names, jax.device_get(capture(state, x)))]
-  problems = {k: judge_activations(v) for k, v in snapshots.items()}
-  stds = ', '.join(f'{l["std"]:.2g}' for l in snapshots['init'])
-  numbers = {'activation': act, 'init': c.model.init, 'layers': names,
-             'snapshots': snapshots, 'problems': problems}
-  plots = [_plot_activations(plot, snapshots, c)] if plot else []
-  found = [f'{k}: {p}' for k, ps in problems.items() for p in ps]
-  if found:
-    return Result('activations', WARN, '; '.join(found) + f' (std per layer at init: {stds})',
-                  numbers, plots)
-  return Result('activations', PASS, f'{len(names)} layers; std per layer at init: {stds}',
-                numbers, plots)
-
-
-def _plot_activations(path, snapshots, c, max_layers: int = 10):
-  plt = _pyplot()
-  n = len(next(iter(snapshots.values())))
-  show = sorted(set(np.linspace(0, n - 1, min(n, max_layers)).round().astype(int).tolist()))
-  rows = len(snapshots) + 1
-  fig, axes = plt.subplots(rows, len(show), figsize=(1.9 * len(show) + 1, 2.0 * rows),
-                           squeeze=False)
-  for r, (label, layers) in enumerate(snapshots.items()):
-    for col, i in enumerate(show):
-      l, ax = layers[i], axes[r][col]
-      edges = np.linspace(l['edges'][0], l['edges'][1], len(l['hist']) + 1)
-      ax.bar(edges[:-1], l['hist'], width=np.diff(edges), align='edge')
-      ax.set_yticks([])
-      ax.set_title(f'{l["name"]}\nmean {l["mean"]:.2g} std {l["std"]:.2g}', fontsize=7)
-      ax.tick_params(labelsize=6)
-      if col == 0:
-        ax.set_ylabel(label)
-  for col in range(len(show)):
-    axes[-1][col].axis('off')
-  ax = fig.add_subplot(rows, 1, rows)
-  for label, layers in snapshots.items():
-    ax.plot(range(1, n + 1), [l['std'] for l in layers], 'o-', label=label)
-  ax.set_yscale('symlog', linthresh=1e-4)
-  ax.set_xlabel('layer')
-  ax.set_ylabel('std')
-  ax.legend(fontsize=7)
-  fig.suptitle(f'activations: {c.model.name}, {c.model.activation}, init {c.model.init}'
-               f'{" " + str(c.model.init_scale) if c.model.init in ("normal", "uniform", "constant") else ""}',
-               fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
-  return path
-
-
-# ---------------------------------------------------------------- 5. gradient check
-
-
-def check_gradient(f: Callable, params, h: float = 1e-6, seed: int = 0) -> Dict[str, Any]:
-  """Analytic vs centred finite-difference gradient of the scalar f(params), in
-  float64, along one random unit direction per parameter tensor:
-  a = <grad f, v>, n = (f(p + h v) - f(p - h v)) / 2h (with h and h/10). Returns the relative error
-  max|a-n| / max(|a|+|n|) (domain.md section 9) and the worst tensor's own."""
-  leaves, treedef = jax.tree.flatten(params)
-  if any(l.dtype != jnp.float64 for l in leaves):
-    raise ValueError('check_gradient needs float64 parameters (inside jax.enable_x64)')
-  f = jax.jit(f)
-  grads = jax.tree.leaves(jax.jit(jax.grad(f))(params))
-  names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-  rng = np.random.default_rng(seed)
-  rows = []
-  for i, (leaf, g) in enumerate(zip(leaves, grads)):
-    v = rng.standard_normal(leaf.shape)
-    v /= np.linalg.norm(v) or 1.0
-    shifted = lambda s: jax.tree.unflatten(treedef, [l + s * v if j == i else l
-                                                     for j, l in enumerate(leaves)])
-    a = float(jnp.sum(g * v))
-    # Two step sizes, the closer one counts: a ReLU / max-pool kink crossed by the
-    # larger step is rarely crossed by the smaller, a wrong derivative is off at both.
-    n = min((float((f(shifted(s)) - f(shifted(-s))) / (2 * s)) for s in (h, h / 10)),
-            key=lambda d: abs(d - a))
-    rows.append({'param': names[i], 'analytic': a, 'numeric': n})
-  diff = max(abs(r['analytic'] - r['numeric']) for r in rows)
-  scale = max(abs(r['analytic']) + abs(r['numeric']) for r in rows)
-  for r in rows:   # a tensor's own error, against a floor for near-zero gradients
-    r['relative_error'] = abs(r['analytic'] - r['numeric']) / max(
-        abs(r['analytic']) + abs(r['numeric']), 1e-6 * scale, 1e-300)
-  worst_row = max(rows, key=lambda r: r['relative_error'])
-  return {'relative_error': diff / max(scale, 1e-300), 'worst_param': worst_row['param'],
-          'worst_param_error': worst_row['relative_error'], 'tensors': len(rows), 'rows': rows}
-
-
-def small_instance(config):
-  """The configured model at width <= 8 (same depth, activation, norm, init), no
-  train-time randomness: a float64 gradient check stays cheap."""
-  c = plain(config)
-  return with_overrides(c, {'model.width': min(c.model.width, 8)})
-
-
-def grad_check(config, dataset, examples: int = 4, h: float = 1e-6) -> Result:
-  """check_gradient on the objective of a small instance of the configured model
-  (data loss + L2 + L1 penalties, batch statistics) on `examples` training images,
-  at its initialization with every parameter jittered by 1e-3.
-  FAIL above 1e-4 (a bug), WARN above 1e-7 (kinks such as ReLU or max-pool can
-  explain it), PASS below."""
-  c = small_instance(config)
-  reg = config.regularize
-  with jax.enable_x64(True):
-    model = models.build(c.model, dataset.num_classes, None, dtype=jnp.float64)
-    x, y = _inputs(dataset, examples, np.float64)
-    variables = model.init(jax.random.PRNGKey(c.seed), x[:1], train=False)
-    # Jittered by 1e-3 so that no unit sits exactly on a kink: a bias of 0 under an
-    # all-zero (dead ReLU) input puts a pre-activation at exactly 0, where the
-    # finite difference sees half the slope and the derivative none.
-    jitter = np.random.default_rng(c.seed)
-    params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float64) + 1e-3 * jitter.standard_normal(
-        p.shape), variables['params'])
-    batch_stats = variables.get('batch_stats', {})
-    targets = jax.nn.one_hot(y, dataset.num_classes, dtype=jnp.float64)
-    mask = optim.decay_mask(params, reg.decay_all_params)
-
-    def objective(p):
-      logits, _ = model.apply({'params': p, 'batch_stats': batch_stats}, x, train=True,
-                              mutable=['batch_stats'])
-      value = losses.loss(c.train.loss, logits, targets).mean()
-      if reg.l2:
-        value += reg.l2 * optim.l2_penalty(p, mask)
-      if reg.l1:
-        value += reg.l1 * regularize.l1_penalty(p, mask)
-      return value
-    out = check_gradient(objective, params, h)
-  err = out['relative_error']
-  numbers = {k: v for k, v in out.items()}
-  numbers.update(model=c.model.name, width=c.model.width, depth=c.model.depth, h=h,
-                 examples=examples)
-  what = (f'relative error {err:.2e} over {out["tensors"]} parameter tensors of '
-          f'{c.model.name} (width {c.model.width}, float64); worst {out["worst_param"]} '
-          f'{out["worst_param_error"]:.2e}')
-  verdict = FAIL if not math.isfinite(err) or err > 1e-4 else WARN if err > 1e-7 else PASS
-  if verdict == PASS and out['worst_param_error'] > 1e-4:   # wrong, but in a small gradient
-    verdict = WARN
-  hint = {FAIL: ': the analytic gradient is wrong (a custom gradient, a stop_gradient, or a '
-                'non-differentiable op)',
-          WARN: ': above 1e-7; kinks (ReLU, max-pool, hinge) crossed by the step can explain it',
-          PASS: ''}[verdict]
-  return Result('grad_check', verdict, what + hint, numbers)
 
 
 # ---------------------------------------------------------------- 6. learning curves
@@ -628,10 +330,7 @@ def curves(path: str, plot: Optional[str] = None) -> Result:
   series, findings = {}, {}
   for run in runs:
     name = os.path.relpath(run, path) if run != path else os.path.basename(os.path.normpath(run))
-    try:
-      series[name] = RunDir(run).read_metrics()
-    except ValueError:   # a run killed while appending: its last line is partial
-      series[name] = _read_complete(os.path.join(run, 'metrics.jsonl'))
+    series[name] = RunDir(run).read_metrics()
     findings[name] = curves_lib.diagnose(series[name])
   short = {k: v for k, v in series.items() if len(v) < 4}
   numbers = {'path': path, 'runs': {k: {'evaluations': len(series[k]), 'findings': findings[k]}
@@ -648,18 +347,6 @@ def curves(path: str, plot: Optional[str] = None) -> Result:
            for k, v in flagged.items()]
   return Result('curves', WARN, f'{len(flagged)} of {len(runs)} run(s) flagged. ' +
                 ' | '.join(parts), numbers, plots)
-
-
-def _read_complete(path: str) -> List[Dict[str, Any]]:
-  import json
-  out = []
-  with open(path) as f:
-    for line in f:
-      try:
-        out.append(json.loads(line))
-      except ValueError:
-        pass
-  return out
 
 
 # ---------------------------------------------------------------- running checks

@@ -77,7 +77,13 @@ class RunDir:
     if not os.path.exists(self.metrics_path):
       return []
     with open(self.metrics_path) as f:
-      return [json.loads(line) for line in f if line.strip()]
+      lines = [line for line in f if line.strip()]
+    rows = [json.loads(line) for line in lines[:-1]]
+    try:   # a process killed while appending leaves a partial last line
+      rows += [json.loads(line) for line in lines[-1:]]
+    except ValueError:
+      pass
+    return rows
 
   def append_metrics(self, row: Dict[str, Any]) -> None:
     with open(self.metrics_path, 'a') as f:
