@@ -15,7 +15,9 @@ from lib.errors import UserError
 
 # Keys that change how a run is watched, not what it computes: a workdir may be
 # resumed with different values of these.
-NON_SEMANTIC_KEYS = frozenset({'train.log_every', 'train.tb_histograms'})
+NON_SEMANTIC_KEYS = frozenset({'train.log_every', 'train.tb_histograms', 'train.vectorize',
+                               'train.vectorize_mode', 'train.max_arms'})
+VECTORIZE_MODES = ('auto', 'vmap', 'unroll')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -98,6 +100,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.early_stop_patience = 0  # stop after this many evaluations without a new best; 0 = off
   c.train.eval_tta = 'none'     # test-time augmentation of evaluations: none | flip | crops
   c.train.tb_histograms = False  # weight and activation histograms to TensorBoard at each eval
+  # Sweeps: train compatible arms together in one compiled program (lib/arms.py).
+  c.train.vectorize = False
+  c.train.vectorize_mode = 'auto'  # auto | vmap (batched ops) | unroll (arm after arm, one program)
+  c.train.max_arms = 0          # arms per program at most; 0 = as many as fit in memory
   return c
 
 
@@ -152,6 +158,11 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                     'the validation split drives evaluation and the best checkpoint')
   if config.train.eval_every < 0:
     raise UserError(f'train.eval_every={config.train.eval_every} must be >= 0 (0 = every epoch)')
+  if config.train.vectorize_mode not in VECTORIZE_MODES:
+    raise UserError(f'unknown train.vectorize_mode={config.train.vectorize_mode!r}; valid: '
+                    f'{", ".join(VECTORIZE_MODES)}')
+  if config.train.max_arms < 0:
+    raise UserError(f'train.max_arms={config.train.max_arms} must be >= 0 (0 = as many as fit)')
   for key in ('epochs', 'batch_size', 'eval_batch_size', 'log_every'):
     if config.train[key] <= 0:
       raise UserError(f'train.{key}={config.train[key]} must be positive')

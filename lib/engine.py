@@ -21,6 +21,16 @@ def epoch_permutation(seed: int, epoch: int, n: int, steps_per_epoch: int, batch
   return perm[:steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size).astype(np.int32)
 
 
+def steps_per_epoch(config, dataset) -> int:
+  """Full batches in an epoch (the remainder of the training split is dropped)."""
+  b = config.train.batch_size
+  n = len(dataset.train[1]) // b
+  if n == 0:
+    raise UserError(f'train.batch_size={b} exceeds the {len(dataset.train[1])} training '
+                    'images; lower it')
+  return n
+
+
 class Engine:
   """Compiled train/eval steps of `config` over `mesh`, with `dataset` on device.
 
@@ -34,15 +44,11 @@ class Engine:
     self.mean = np.asarray(dataset.mean if mean is None else mean, np.float32)
     self.std = np.asarray(dataset.std if std is None else std, np.float32)
     self.model = models.build(config.model, dataset.num_classes, config.regularize)
-    b = config.train.batch_size
-    self.steps_per_epoch = len(dataset.train[1]) // b
     if eval_only:   # the training batch need not fit this data or these devices
-      self.steps_per_epoch = max(self.steps_per_epoch, 1)
+      self.steps_per_epoch = max(len(dataset.train[1]) // config.train.batch_size, 1)
     else:
-      sharding.check_batch(b, mesh)
-    if self.steps_per_epoch == 0:
-      raise UserError(f'train.batch_size={b} exceeds the {len(dataset.train[1])} training '
-                      'images; lower it')
+      sharding.check_batch(config.train.batch_size, mesh)
+      self.steps_per_epoch = steps_per_epoch(config, dataset)
     self.total_steps = config.train.epochs * self.steps_per_epoch
     self.tx_build, self.lr_multiplier = optim.make(config, self.total_steps, self.steps_per_epoch)
     self.hparams = {k: sharding.to_global(v, self.rep) for k, v in steps.hparams(config).items()}
@@ -57,7 +63,7 @@ class Engine:
     # Real accelerators keep asynchronous dispatch.
     self._serialize = mesh.devices.size > 1 and mesh.devices.flat[0].platform == 'cpu'
     self._zero_sums = jax.jit(steps.zero_sums, out_shardings=self.rep)
-    n = mesh.devices.size
+    n = mesh.shape[sharding.DATA]   # the batch is split over the data axis only
     self.eval_batch = -(-config.train.eval_batch_size // n) * n
 
   # ----- state -----
@@ -130,6 +136,10 @@ class Engine:
     multi-device CPU runs safe: independent launches that each hold collectives
     can deadlock XLA:CPU's shared thread pool.
     """
+    return jax.jit(self.eval_split_fn(tta))
+
+  def eval_split_fn(self, tta: str):
+    """run(state, images, labels, idx, mask) -> sums of loss, correct, count (not jitted)."""
     eval_step = steps.make_eval_step(self.model, self.mean, self.std, tta)
 
     def run(state, images, labels, idx, mask):
@@ -139,24 +149,37 @@ class Engine:
       zeros = {k: jnp.zeros((), jnp.float32) for k in ('loss', 'correct', 'count')}
       return jax.lax.scan(body, zeros, (idx, mask))[0]
 
-    return jax.jit(run)
+    return run
 
   def evaluate(self, state, split: str = 'val', tta: Optional[str] = None) -> Dict[str, float]:
     """Loss and accuracy over a whole split, in fixed padded batches, with
     test-time augmentation `tta` (default: the config's train.eval_tta)."""
+    tta = self.check_tta(tta)
+    totals = jax.device_get(self._eval_split(tta)(state, *self.eval_inputs(split)))
+    return eval_result(totals)
+
+  def check_tta(self, tta: Optional[str]) -> str:
     tta = self.config.train.eval_tta if tta is None else tta
     if tta not in steps.TTA:
       raise UserError(f'unknown tta {tta!r}; valid: {", ".join(steps.TTA)}')
+    return tta
+
+  def eval_inputs(self, split: str):
+    """(images, labels, idx, mask) of a split: its images on device and its fixed
+    padded batches, uploaded once."""
     images, labels = self.split_on_device(split)
-    if split not in self._eval_batches:   # the same every evaluation: upload once
+    if split not in self._eval_batches:
       n = int(labels.shape[0])
       padded = np.arange(-(-n // self.eval_batch) * self.eval_batch).reshape(-1, self.eval_batch)
       mask = padded < n
       idx = np.where(mask, padded, 0).astype(np.int32)
       rows = sharding.sharded_along(self.mesh, 2, axis=1)
       self._eval_batches[split] = (sharding.to_global(idx, rows), sharding.to_global(mask, rows))
-    totals = jax.device_get(self._eval_split(tta)(state, images, labels,
-                                                  *self._eval_batches[split]))
-    count = int(totals['count'])
-    return {'loss': float(totals['loss']) / count, 'accuracy': float(totals['correct']) / count,
-            'num_examples': count}
+    return (images, labels) + self._eval_batches[split]
+
+
+def eval_result(totals) -> Dict[str, float]:
+  """Loss and accuracy from an evaluation's host sums."""
+  count = int(totals['count'])
+  return {'loss': float(totals['loss']) / count, 'accuracy': float(totals['correct']) / count,
+          'num_examples': count}

@@ -84,6 +84,10 @@ def l2_penalty(params, mask):
   return 0.5 * sum(leaves) if leaves else jnp.zeros((), jnp.float32)
 
 
+# hparams name -> the config key it comes from.
+HP_CONFIG_KEYS = {'lr': 'optim.lr', 'weight_decay': 'optim.weight_decay', 'l2': 'regularize.l2'}
+
+
 def hparams(config) -> Dict[str, np.ndarray]:
   """The continuous strengths that enter the compiled step as arrays."""
   if config.optim.lr <= 0:

@@ -39,6 +39,7 @@ _RANGES = {
     'label_smoothing': (0.0, 1.0, False, 0.0),
     'adversarial_eps': (0.0, np.inf, False, 0.0),
 }
+HP_KEYS = tuple(_RANGES)   # every regularize strength travels as a traced float32
 
 
 def check(r) -> None:

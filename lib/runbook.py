@@ -132,6 +132,12 @@ class RunBook:
   def is_new_best(self, val_accuracy: float) -> bool:
     return val_accuracy > self.best_acc
 
+  def stops_at(self, done: int, val_accuracy: float) -> bool:
+    """Whether `stop_early(done, val_accuracy)` will stop the run (changes nothing)."""
+    patience = self.config.train.early_stop_patience
+    since = 0 if self.is_new_best(val_accuracy) else self.since_best + 1
+    return bool(patience) and since >= patience and done < self.total
+
   def save(self, row: Dict[str, Any], state, meta_base: Dict[str, Any]) -> None:
     """The checkpoint of `state` at row['step'] (every process takes part)."""
     self.checkpoints.save(row['step'], state,

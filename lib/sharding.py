@@ -13,6 +13,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 DATA = 'data'
+ARMS = 'arms'   # the arm axis of a vectorized sweep (lib/vector_engine.py)
 
 
 _INITIALIZED = False
@@ -44,6 +45,13 @@ def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> jax.sharding.Me
   return jax.make_mesh((len(devices),), (DATA,), axis_types=(AxisType.Auto,), devices=devices)
 
 
+def make_arm_mesh(devices: Sequence[jax.Device], arms: int) -> jax.sharding.Mesh:
+  """(arms, data) mesh: `arms` groups of devices, each splitting the batch of its arms."""
+  devices = list(devices)
+  return jax.make_mesh((arms, len(devices) // arms), (ARMS, DATA),
+                       axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
+
+
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
@@ -69,7 +77,7 @@ def to_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 def check_batch(batch_size: int, mesh, what: str = 'train.batch_size') -> None:
   from lib.errors import UserError
-  n = mesh.devices.size
+  n = mesh.shape[DATA]
   if batch_size % n:
-    raise UserError(f'{what}={batch_size} is not divisible by the {n} devices; '
-                    f'use a multiple of {n}')
+    raise UserError(f'{what}={batch_size} is not divisible by the {n} devices it is split '
+                    f'over; use a multiple of {n}')

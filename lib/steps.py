@@ -62,6 +62,12 @@ def hparams(config) -> Dict[str, np.ndarray]:
           **augment.hparams(config.augment)}
 
 
+def hparam_config_keys() -> Dict[str, str]:
+  """hparams name -> the config key it comes from (e.g. 'dropout' -> 'regularize.dropout')."""
+  return {**optim.HP_CONFIG_KEYS, **{k: f'regularize.{k}' for k in regularize.HP_KEYS},
+          **{k: f'augment.{k}' for k in augment.HP_KEYS}}
+
+
 def make_train_step(model, tx_build, config, mesh, mean, std, num_classes: int,
                     steps_per_epoch: int) -> Callable:
   """train_step(state, hparams, images, labels, epoch_indices, sums) -> (state, sums).

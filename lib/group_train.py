@@ -1,0 +1,240 @@
+"""train_group: runs that share a program (lib/arms.py) trained together as arms.
+
+Every arm is an ordinary run kept by a RunBook (lib/runbook.py): its own
+config.json, status.json, metrics.jsonl, TensorBoard events and Orbax
+checkpoints, the files train_and_evaluate would leave. Its metrics equal those
+of its separate run up to float rounding: same init, data order, random
+streams and strengths (tests/test_vectorize.py).
+
+Checkpoints. Saving costs the same per arm however the arms are trained, so a
+group saves an arm's checkpoint only where it is needed: at a new best val
+accuracy, at the arm's last step (the end or an early stop) and at resume
+points, evaluations at least `resume_every_s` seconds after the previous one.
+A finished arm's checkpoints are those of its separate run: the latest and the
+best. A kill loses at most `resume_every_s` seconds of training.
+
+Resume. Each arm restores its own latest checkpoint. Arms that are behind
+train while the others wait (frozen by the step's `active` mask), then all go
+on together. So a group may mix runs killed at different steps, or started
+one by one before.
+
+Memory. The arms are split into programs that fit the devices: XLA's memory
+analysis of the compiled step against 90% of an accelerator's memory (half
+the host's for CPU devices), or at most `max_arms` per program.
+"""
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import jax
+import numpy as np
+
+from lib import arms as arms_lib
+from lib import data, engine, sharding
+from lib import vector_engine as ve
+from lib.errors import UserError
+from lib.metrics import echo, format_duration, progress_line
+from lib.runbook import RunBook
+from lib.train import Preempted, checkpoint_meta, is_eval_step
+
+RESUME_EVERY_S = 60.0
+
+
+def plan_programs(configs: Sequence, dataset, devices, mode: str, max_arms: int = 0,
+                  memory_budget: Optional[int] = None, log=echo):
+  """(indices of `configs` per program, the engine of the first program): at
+  most `max_arms` arms each (0: no cap), fewer where the compiled step would not
+  fit `memory_budget` bytes per device. The engine's step is compiled already."""
+  n = len(configs)
+  sizes = arms_lib.chunk_sizes(n, max_arms or n)
+  budget = memory_budget if memory_budget is not None else ve.device_memory_budget(devices)
+  while True:   # memory grows about linearly with the arms: one or two compiles
+    eng = ve.VectorEngine(configs[:sizes[0]], dataset, devices, mode)
+    need = eng.bytes_per_device()
+    if need is None or need <= budget or sizes[0] == 1:
+      break
+    cap = max(1, min(sizes[0] - 1, int(budget // (need / sizes[0]))))
+    log(f'{sizes[0]} arms need {need / 2**20:,.0f} MiB per device, over the '
+        f'{budget / 2**20:,.0f} MiB budget: at most {cap} arms per program')
+    sizes = arms_lib.chunk_sizes(n, cap)
+  out, start = [], 0
+  for size in sizes:
+    out.append(list(range(start, start + size)))
+    start += size
+  return out, eng
+
+
+def train_group(configs: Sequence, workdirs: Sequence[str], *, logs: Optional[Sequence] = None,
+                log: Callable = echo, hparams: Optional[Sequence[Dict[str, Any]]] = None,
+                stop_after_step: Optional[int] = None, devices=None, mode: Optional[str] = None,
+                max_arms: Optional[int] = None, memory_budget: Optional[int] = None,
+                resume_every_s: float = RESUME_EVERY_S) -> List[Dict[str, Any]]:
+  """Trains every config in its workdir, as arms of as few programs as fit.
+
+  `logs[i]` receives arm i's lines (its log.txt); `log` the group's. mode and
+  max_arms default to the first config's train.vectorize_mode / max_arms.
+  Returns each arm's final status, in order. Bad input raises UserError before
+  anything is written.
+  """
+  n = len(configs)
+  logs = list(logs) if logs is not None else [lambda m: None] * n
+  books = [RunBook(c, w, log=l, hparams=h)
+           for c, w, l, h in zip(configs, workdirs, logs, hparams or [None] * n)]
+  groups, notes = arms_lib.group([b.config_dict for b in books])
+  if len(groups) > 1:
+    raise UserError(f'these runs cannot share a program: {notes[0]}')
+  first = books[0].config
+  mode = mode or first.train.vectorize_mode
+  max_arms = first.train.max_arms if max_arms is None else max_arms
+  devices = list(devices if devices is not None else jax.devices())
+  dataset = data.load(first.data)
+  total = first.train.epochs * engine.steps_per_epoch(first, dataset)
+  program_mode = ve.resolve_mode(mode, first, devices[0].platform)
+  sharding.check_batch(first.train.batch_size, sharding.make_arm_mesh(
+      devices, ve.arm_axis_size(len(devices), 1, first.train.batch_size, program_mode)))
+
+  results: List[Optional[Dict[str, Any]]] = [b.open(total) for b in books]
+  live = [i for i in range(n) if results[i] is None]
+  if not live:
+    return results
+  programs, eng = plan_programs([books[i].config for i in live], dataset, devices, mode,
+                                max_arms, memory_budget, log)
+  for p, members in enumerate(programs):
+    chunk = [live[j] for j in members]
+    if len(programs) > 1:
+      log(f'program {p + 1}/{len(programs)}: {len(chunk)} arms')
+    if p > 0:   # the first program's engine comes compiled from the plan
+      eng = ve.VectorEngine([books[i].config for i in chunk], dataset, devices, mode)
+    out = _train_program(eng, [books[i] for i in chunk], log, stop_after_step, resume_every_s)
+    for i, status in zip(chunk, out):
+      results[i] = status
+  return results
+
+
+def _summary(values: Sequence[float], fmt: str = '.4f') -> str:
+  if len(values) == 1:
+    return format(values[0], fmt)
+  return f'{np.mean(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})'
+
+
+def _train_program(eng: ve.VectorEngine, books: Sequence[RunBook], log, stop_after_step,
+                   resume_every_s: float) -> List[Dict[str, Any]]:
+  n, total, spe = eng.n, eng.total_steps, eng.steps_per_epoch
+  abstract = eng.abstract_arm_state()
+  restored = [b.restore(abstract) for b in books]
+  state = eng.stack([s if s is not None else eng.init_arm(i) for i, s in enumerate(restored)])
+  del restored
+  finished: Dict[int, Dict[str, Any]] = {}
+  for i, b in enumerate(books):
+    status = b.begin()
+    if status is not None:
+      finished[i] = status
+  starts = [b.start for b in books]
+  todo = [i for i in range(n) if i not in finished]
+  if not todo:
+    return [finished[i] for i in range(n)]
+  first = min(starts[i] for i in todo)
+  cfg = eng.program
+  log(f'training {n} arms of {cfg.model.name} on {cfg.data.source} '
+      f'({len(eng.dataset.train[1])} train / {len(eng.dataset.val[1])} val images) for '
+      f'{total} steps as one program ({eng.mode}; mesh {eng.mesh.shape[sharding.ARMS]} arms x '
+      f'{eng.mesh.shape[sharding.DATA]} data), batch {cfg.train.batch_size} per arm'
+      + (f'; resuming from steps {sorted(set(starts))}' if max(starts) > 0 else ''))
+  for i, b in enumerate(books):
+    b.log(f'training as arm {i + 1} of {n} in one program ({eng.mode})')
+
+  meta_base = checkpoint_meta(eng.base)
+  batch = cfg.train.batch_size
+  sums = eng.zero_sums()
+  epoch_indices, current_epoch = None, -1
+  window_start, window_steps = time.time(), 0
+  train_time, segment_start = 0.0, time.time()
+  last_resume_point = time.time()
+  group_start = time.time()
+  try:
+    for step in range(first, total):
+      active = np.array([i not in finished and starts[i] <= step for i in range(n)])
+      if not active.any():
+        break
+      if step // spe != current_epoch:
+        current_epoch = step // spe
+        epoch_indices = eng.epoch_indices(current_epoch)
+      state, sums = eng.train_step(state, epoch_indices, sums, active)
+      done = step + 1
+      window_steps += 1
+      is_eval = is_eval_step(done, total, spe, cfg.train.eval_every)
+      if not (is_eval or done % cfg.train.log_every == 0):
+        continue
+      host = jax.device_get(sums)
+      stepped = [i for i in range(n) if active[i]]
+      for i in stepped:
+        if host['first_nonfinite_step'][i] >= 0:
+          finished[i] = books[i].diverged(int(host['first_nonfinite_step'][i]))
+      stepped = [i for i in stepped if i not in finished]
+      now = time.time()
+      train_time += now - segment_start
+      segment_start = now
+      speed = window_steps * batch / max(now - window_start, 1e-9)   # per arm
+      window_start, window_steps = now, 0
+      eta = train_time / (done - first) * (total - done)
+      lrs = eng.learning_rates(step)
+      losses = {i: float(host['loss'][i] / host['steps'][i]) for i in stepped}
+      accs = {i: float(host['correct'][i] / host['examples'][i]) for i in stepped}
+      for i in stepped:
+        books[i].log(progress_line(done, total, spe, losses[i], accs[i], lrs[i], speed, eta))
+      if stepped:
+        log(f'step {done:>{len(str(total))}}/{total} | epoch {done / spe:6.2f} | '
+            f'{len(stepped)} arms: train_loss {_summary(list(losses.values()))} '
+            f'train_acc {_summary(list(accs.values()))} | {speed:,.0f} ex/s per arm, '
+            f'{speed * len(stepped):,.0f} in all | ETA {format_duration(eta)}')
+      if not is_eval:
+        continue
+      vals = eng.evaluate(state, 'val')
+      for i in stepped:
+        if not np.isfinite(vals[i]['loss']):   # never checkpoint a state that cannot predict
+          finished[i] = books[i].diverged(done)
+      stepped = [i for i in stepped if i not in finished]
+      stopping = stop_after_step is not None and done >= stop_after_step and done < total
+      resume_point = (done == total or stopping
+                      or time.time() - last_resume_point >= resume_every_s)
+      save = [i for i in stepped if resume_point or books[i].is_new_best(vals[i]['accuracy'])
+              or books[i].stops_at(done, vals[i]['accuracy'])]
+      wants_histograms = [i for i in stepped if books[i].config.train.tb_histograms]
+      arm_states = eng.unstack(state) if save or wants_histograms else None
+      for i in stepped:
+        histograms = None
+        if i in wants_histograms:
+          histograms = (jax.device_get(arm_states[i].params),
+                        eng.base.activations(arm_states[i]))
+        row = books[i].log_eval(done, spe, losses[i], accs[i], vals[i], lrs[i], speed,
+                                histograms)
+        if i in save:
+          books[i].save(row, arm_states[i], meta_base)
+        status = books[i].stop_early(done, vals[i]['accuracy'])
+        if status is not None:
+          finished[i] = status
+      del arm_states
+      if resume_point:
+        last_resume_point = time.time()
+      if stepped:
+        accs_val = [vals[i]['accuracy'] for i in stepped]
+        log(f'  eval step {done}: val_accuracy {_summary(accs_val)} over {len(stepped)} arms'
+            f' ({len(save)} checkpoints saved)')
+      sums = eng.zero_sums()
+      segment_start = time.time()
+      window_start = segment_start
+      if stopping:
+        for b in books:
+          b.checkpoints.wait()
+        raise Preempted(f'stopped after step {done} (stop_after_step)')
+  except (Exception, KeyboardInterrupt) as e:
+    for i, b in enumerate(books):
+      if i not in finished:
+        b.close_writer() if isinstance(e, Preempted) else b.fail(e)
+    raise
+  seconds = time.time() - group_start
+  for i, b in enumerate(books):
+    if i not in finished:
+      finished[i] = b.finish(total, seconds)
+  log(f'done in {format_duration(seconds)}: best val_accuracy '
+      f'{_summary([s.get("best_val_accuracy") or 0.0 for s in finished.values()])} over {n} arms')
+  return [finished[i] for i in range(n)]

@@ -1,0 +1,230 @@
+"""Many arms of a sweep compiled as one program over an (arms, data) mesh.
+
+Every leaf of the train state, the running train metrics and the strengths
+(`steps.hparams`) carries a leading arm axis; the dataset is shared. One call
+of the step advances every arm by one step of its own run: its own data order
+(a function of its seed and the epoch), its own random streams (its seed and
+the step), its own strengths. Two ways to vectorize the same single-arm step
+(`steps.make_train_step`, the one launch.train compiles):
+
+  vmap    jax.vmap over the arm axis: batched matmuls, grouped convolutions; the
+          arm axis is sharded over the mesh's `arms` devices (each device group
+          trains its arms data-parallel over `data`).
+  unroll  the single-arm step written out once per arm in one program, arm
+          after arm: no grouped convolutions, which XLA:CPU runs slowly.
+
+`auto` picks unroll for convolutional models on CPU, vmap everywhere else.
+A boolean `active` per arm freezes arms that have finished or have not caught
+up yet (a group resumed from checkpoints of different steps).
+"""
+import functools
+import os
+from typing import Dict, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lib import arms as arms_lib
+from lib import engine, models, sharding, steps
+
+MODES = ('vmap', 'unroll')
+
+
+def resolve_mode(mode: str, program, platform: str) -> str:
+  if mode != 'auto':
+    return mode
+  return 'unroll' if platform == 'cpu' and program.model.name != 'mlp' else 'vmap'
+
+
+def arm_axis_size(n_devices: int, n_arms: int, batch: int, mode: str) -> int:
+  """Devices on the arm axis: the most that divide both the devices and the arms
+  while the rest still divide the batch (vmap); 1 for unroll."""
+  if mode == 'unroll':
+    return 1
+  for a in range(n_devices, 0, -1):
+    if n_devices % a == 0 and n_arms % a == 0 and batch % (n_devices // a) == 0:
+      return a
+  return 1
+
+
+def _stack(trees):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _take(tree, i):
+  return jax.tree.map(lambda x: x[i], tree)
+
+
+class VectorEngine:
+  """Compiled train / eval steps of `configs` (resolved, sharing one program:
+  see lib/arms.py) as arms over `devices`, with `dataset` on device."""
+
+  def __init__(self, configs: Sequence, dataset, devices=None, mode: str = 'auto'):
+    self.configs = list(configs)
+    self.n = len(self.configs)
+    self.program = arms_lib.program_config(self.configs)
+    devices = list(devices if devices is not None else jax.devices())
+    self.mode = resolve_mode(mode, self.program, devices[0].platform)
+    batch = self.program.train.batch_size
+    self.mesh = sharding.make_arm_mesh(
+        devices, arm_axis_size(len(devices), self.n, batch, self.mode))
+    # The program's single-arm engine: model, optimizer, schedule, data on device,
+    # evaluation batches. Its steps are the ones vectorized here.
+    self.base = engine.Engine(self.program, dataset, self.mesh)
+    self.dataset = dataset
+    self.steps_per_epoch, self.total_steps = self.base.steps_per_epoch, self.base.total_steps
+    self.rep = sharding.replicated(self.mesh)
+    self.by_arm = NamedSharding(self.mesh, P(sharding.ARMS))
+    self._indices_sharding = NamedSharding(self.mesh, P(sharding.ARMS, None, sharding.DATA))
+    hps = [arms_lib.arm_hparams(c, self.program) for c in self.configs]
+    self.hparams = {k: sharding.to_global(np.stack([h[k] for h in hps]), self.by_arm)
+                    for k in hps[0]}
+    self._single_step = steps.make_train_step(
+        self.base.model, self.base.tx_build, self.program, self.mesh, self.base.mean,
+        self.base.std, dataset.num_classes, self.steps_per_epoch)
+    self._steps: Dict[bool, object] = {}
+    self._serialize = self.base._serialize
+    self._all_active = sharding.to_global(np.ones((self.n,), bool), self.by_arm)
+    self._stack = jax.jit(lambda *s: _stack(s), out_shardings=self.by_arm)
+    self._unstack = jax.jit(lambda s: [_take(s, i) for i in range(self.n)],
+                            out_shardings=self.rep)
+    self._zero_sums = jax.jit(lambda: _stack([steps.zero_sums()] * self.n),
+                              out_shardings=self.by_arm)
+
+  # ----- vectorizing a single-arm function -----
+  def _vectorize(self, fn, in_axes):
+    """fn over the arm axis of the arguments whose in_axes entry is 0."""
+    if self.mode == 'vmap':
+      return jax.vmap(fn, in_axes=in_axes, spmd_axis_name=sharding.ARMS)
+
+    def unrolled(*args):
+      outs = [fn(*[_take(a, i) if ax == 0 else a for a, ax in zip(args, in_axes)])
+              for i in range(self.n)]
+      return _stack(outs)
+    return unrolled
+
+  # ----- state -----
+  @functools.lru_cache(maxsize=None)
+  def _init_fn(self, options: models.Options):
+    model = self.base.model.clone(opts=options)
+
+    def init(hp, seed):
+      return steps.init_state(model, self.base.tx_build, hp, seed, self.dataset.image_shape)
+    return jax.jit(init, out_shardings=self.rep)
+
+  def init_arm(self, i: int):
+    """Arm i's initial state, exactly as its own run would make it."""
+    c = self.configs[i]
+    options = models.Options.from_config(c.model, self.program.regularize)
+    return self._init_fn(options)(self.base.hparams, jnp.int32(c.seed))
+
+  def abstract_arm_state(self):
+    """One arm's state shapes with the replicated sharding: a restore target."""
+    return self.base.abstract_state()
+
+  def stack(self, arm_states: Sequence) -> steps.TrainState:
+    return self._stack(*arm_states)
+
+  def unstack(self, state) -> List[steps.TrainState]:
+    """Every arm's state as its own (replicated) arrays, in one launch."""
+    return self._unstack(state)
+
+  # ----- training -----
+  def _step_fn(self, masked: bool):
+    single = self._single_step
+
+    def arm_step(state, hp, images, labels, idx, sums, active):
+      new_state, new_sums = single(state, hp, images, labels, idx, sums)
+      if masked:   # a frozen arm keeps its state and its sums
+        keep = lambda new, old: jnp.where(active, new, old)
+        new_state = jax.tree.map(keep, new_state, state)
+        new_sums = jax.tree.map(keep, new_sums, sums)
+      return new_state, new_sums
+
+    fn = self._vectorize(arm_step, (0, 0, None, None, 0, 0, 0))
+    return jax.jit(fn, donate_argnums=(0, 5), out_shardings=(self.by_arm, self.by_arm))
+
+  def _step(self, masked: bool):
+    """The step compiled ahead of time for the arm-stacked shapes (so the memory
+    check and training share one compilation)."""
+    if masked not in self._steps:
+      self._steps[masked] = self._step_fn(masked).lower(*self._abstract_args()).compile()
+    return self._steps[masked]
+
+  def _abstract_args(self):
+    by_arm = lambda s: jax.ShapeDtypeStruct((self.n,) + s.shape, s.dtype, sharding=self.by_arm)
+    state = jax.tree.map(by_arm, self.abstract_arm_state())
+    sums = jax.tree.map(by_arm, jax.eval_shape(steps.zero_sums))
+    hp = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.by_arm),
+                      self.hparams)
+    images, labels = self.base.split_on_device('train')
+    idx = jax.ShapeDtypeStruct((self.n, self.steps_per_epoch, self.program.train.batch_size),
+                               jnp.int32, sharding=self._indices_sharding)
+    active = jax.ShapeDtypeStruct((self.n,), jnp.bool_, sharding=self.by_arm)
+    return state, hp, images, labels, idx, sums, active
+
+  def epoch_indices(self, epoch: int) -> jax.Array:
+    """(arms, steps, batch): each arm's own shuffle of this epoch."""
+    per_arm = [engine.epoch_permutation(c.seed, epoch, len(self.dataset.train[1]),
+                                        self.steps_per_epoch, c.train.batch_size)
+               for c in self.configs]
+    return sharding.to_global(np.stack(per_arm), self._indices_sharding)
+
+  def zero_sums(self):
+    return self._zero_sums()
+
+  def train_step(self, state, epoch_indices, sums, active: Optional[np.ndarray] = None):
+    """One step of every arm; arms with active False stay as they are."""
+    images, labels = self.base.split_on_device('train')
+    masked = active is not None and not bool(np.all(active))
+    args = (state, self.hparams, images, labels, epoch_indices, sums)
+    if masked:
+      out = self._step(True)(*args, sharding.to_global(np.asarray(active, bool), self.by_arm))
+    else:
+      out = self._step(False)(*args, self._all_active)
+    return jax.block_until_ready(out) if self._serialize else out
+
+  def learning_rates(self, step: int) -> List[float]:
+    m = float(self.base.lr_multiplier(step))
+    return [float(c.optim.lr * m) for c in self.configs]
+
+  # ----- evaluation -----
+  @functools.lru_cache(maxsize=None)
+  def _eval_fn(self, tta: str):
+    return jax.jit(self._vectorize(self.base.eval_split_fn(tta), (0, None, None, None, None)))
+
+  def evaluate(self, state, split: str = 'val', tta: Optional[str] = None) -> List[Dict]:
+    """Loss and accuracy of every arm over a whole split, in one launch."""
+    tta = self.base.check_tta(tta)
+    totals = jax.device_get(self._eval_fn(tta)(state, *self.base.eval_inputs(split)))
+    return [engine.eval_result(_take(totals, i)) for i in range(self.n)]
+
+  # ----- memory -----
+  def bytes_per_device(self) -> Optional[int]:
+    """Device memory the compiled step needs (arguments, outputs, temporaries),
+    from XLA's memory analysis of the program; None where the backend gives none."""
+    try:
+      m = self._step(False).memory_analysis()
+    except Exception:   # noqa: BLE001 - an estimate; training will tell
+      return None
+    if m is None:
+      return None
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+               + m.temp_size_in_bytes)
+
+
+def device_memory_budget(devices) -> int:
+  """Bytes one device may use for a program: 90% of the accelerator's limit, or
+  half the host's memory shared by its CPU devices."""
+  stats = None
+  try:
+    stats = devices[0].memory_stats()
+  except Exception:   # noqa: BLE001 - not every backend reports
+    pass
+  if stats and stats.get('bytes_limit'):
+    return int(0.9 * stats['bytes_limit'])
+  host = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  local = max(1, sum(d.process_index == devices[0].process_index for d in devices))
+  return int(0.5 * host / local)
