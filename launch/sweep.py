@@ -1,11 +1,13 @@
 """Run an ablation: every arm x seed of an experiment module's get_sweep(arg).
 
   python -m launch.sweep --config=experiments/x.py[:arg] --workdir=W [--seeds=N]
-      [--executor=local|slurm|submitit_local] [--parallel=N] [--config.a.b=v ...]
+      [--executor=local|slurm|submitit_local] [--parallel=N] [--vectorize] [--config.a.b=v ...]
 
 Each run is W/<arm>/seed_<k>, trained by the same code as launch.train. Rerunning
 the command skips finished runs and resumes interrupted ones. At the end it writes
 W/results.csv, W/report.md and the plots (launch.report) and prints the ranked table.
+--vectorize (or --config.train.vectorize=True) trains the runs that can share a
+program together, as arms of one compiled program (lib/arms.py, lib/group_train.py).
 """
 import json
 import sys
@@ -43,6 +45,11 @@ _ARRAY = flags.DEFINE_integer('slurm_array_parallelism', 0, 'Runs at once (0 = n
 _ACCOUNT = flags.DEFINE_string('slurm_account', '', 'SLURM account.')
 _QOS = flags.DEFINE_string('slurm_qos', '', 'SLURM QOS.')
 _EXTRA = flags.DEFINE_list('slurm_extra', [], 'More sbatch options as key=value,...')
+_VECTORIZE = flags.DEFINE_bool('vectorize', None, 'Train runs that share a program (same model, '
+                                'data, batch, schedule; other seeds and strengths) together as '
+                                'arms of one compiled program. Default: the config\'s '
+                                'train.vectorize. Arms per program: train.max_arms (0 = as many '
+                                'as fit in memory); how: train.vectorize_mode.')
 _KILL = flags.DEFINE_string('debug_kill_at', None, 'RUN_INDEX:STEP: stop the sweep after that '
                             'pending run\'s first checkpoint at or past STEP (tests resume).')
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -59,12 +66,15 @@ def main(argv):
   tasks = runner.plan(base, sweep.runs(), workdir)    # every config checked before launching
   overrides = {k: v for k, v in config_flags.get_override_values(config_flag).items()}
   manifest = sweep_lib.manifest(module_path, arg or None, overrides, sweep)
+  vectorize = base.train.vectorize if _VECTORIZE.value is None else _VECTORIZE.value
   if _DRY_RUN.value:
     for t in tasks:
       print(f'{t["workdir"]}  {json.dumps(t["overrides"])}')
     print(f'{len(tasks)} runs ({len(sweep.arms)} arms x {len(sweep.seeds)} seeds)' +
           (f', then {sweep.refine["trials"]} refined trials x {len(sweep.seeds)} seeds'
            if sweep.refine else ''))
+    if vectorize:
+      runner.plan_groups(tasks, log=print)
     return
   submitit_args = None
   if _EXECUTOR.value == 'local':
@@ -82,7 +92,7 @@ def main(argv):
     index, _, step = _KILL.value.partition(':')
     kill_at = {'run': int(index), 'step': int(step)}
   run = lambda ts: runner.execute(ts, workdir, _EXECUTOR.value, _PARALLEL.value, submitit_args,
-                                  _WAIT.value, kill_at=kill_at)
+                                  _WAIT.value, kill_at=kill_at, vectorize=vectorize)
   try:
     run(tasks)
     if sweep.refine and (_WAIT.value or _EXECUTOR.value == 'local'):

@@ -1,4 +1,5 @@
 """Restore a run's checkpoint on whatever devices are present and evaluate it."""
+import json
 from typing import Any, Dict, Optional
 
 import ml_collections
@@ -37,9 +38,26 @@ def evaluate_checkpoint(workdir: str, checkpoint: str = 'best', split: str = 'va
                     f'{meta["num_classes"]}')
   dataset.num_classes = meta['num_classes']
   mesh = mesh if mesh is not None else sharding.make_mesh()
-  eng = engine.Engine(config, dataset, mesh, mean=meta['mean'], std=meta['std'], eval_only=True)
+  eng = _engine(config, dataset, mesh, meta)
   state, _ = checkpoints.restore(step, eng.abstract_state())
   result = eng.evaluate(state, split, tta)
   checkpoints.close()
   return {'accuracy': result['accuracy'], 'loss': result['loss'],
           'num_examples': result['num_examples'], 'step': step}
+
+
+_ENGINES: Dict[str, engine.Engine] = {}
+
+
+def _engine(config, dataset, mesh, meta) -> engine.Engine:
+  """An evaluation engine, kept for the next call that needs the same program:
+  the runs of a sweep (a vectorized group, or arms that differ only in seeds and
+  strengths) share one compiled evaluation. Only the last one is kept."""
+  from lib import arms
+  key = json.dumps([sorted(arms.signature(config_lib.to_json_dict(config)).items()),
+                    meta['mean'], meta['std'], meta['num_classes'], repr(mesh)])
+  if key not in _ENGINES:
+    _ENGINES.clear()
+    _ENGINES[key] = engine.Engine(config, dataset, mesh, mean=meta['mean'], std=meta['std'],
+                                  eval_only=True)
+  return _ENGINES[key]

@@ -4,12 +4,15 @@ Every arm is an ordinary run kept by a RunBook (lib/runbook.py): its own
 config.json, status.json, metrics.jsonl, TensorBoard events and Orbax
 checkpoints, the files train_and_evaluate would leave. Its metrics equal those
 of its separate run up to float rounding: same init, data order, random
-streams and strengths (tests/test_vectorize.py).
+streams and strengths (tests/test_vectorize.py). As between 1 and 4 devices,
+rounding differences can grow in long, noisy runs (dropout 0.5: 1e-3 in the
+train loss after a few epochs, either way).
 
 Checkpoints. Saving costs the same per arm however the arms are trained, so a
 group saves an arm's checkpoint only where it is needed: at a new best val
-accuracy, at the arm's last step (the end or an early stop) and at resume
-points, evaluations at least `resume_every_s` seconds after the previous one.
+accuracy (or a tie: Orbax keeps the latest of equals), at the arm's last step
+(the end or an early stop) and at resume points, evaluations at least
+`resume_every_s` seconds after the previous one.
 A finished arm's checkpoints are those of its separate run: the latest and the
 best. A kill loses at most `resume_every_s` seconds of training.
 
@@ -196,7 +199,7 @@ def _train_program(eng: ve.VectorEngine, books: Sequence[RunBook], log, stop_aft
       stopping = stop_after_step is not None and done >= stop_after_step and done < total
       resume_point = (done == total or stopping
                       or time.time() - last_resume_point >= resume_every_s)
-      save = [i for i in stepped if resume_point or books[i].is_new_best(vals[i]['accuracy'])
+      save = [i for i in stepped if resume_point or books[i].is_best_checkpoint(vals[i]['accuracy'])
               or books[i].stops_at(done, vals[i]['accuracy'])]
       wants_histograms = [i for i in stepped if books[i].config.train.tb_histograms]
       arm_states = eng.unstack(state) if save or wants_histograms else None

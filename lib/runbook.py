@@ -132,6 +132,11 @@ class RunBook:
   def is_new_best(self, val_accuracy: float) -> bool:
     return val_accuracy > self.best_acc
 
+  def is_best_checkpoint(self, val_accuracy: float) -> bool:
+    """Whether a checkpoint at this accuracy becomes the best one: Orbax keeps the
+    latest of equal accuracies, so a tie counts."""
+    return val_accuracy >= self.best_acc
+
   def stops_at(self, done: int, val_accuracy: float) -> bool:
     """Whether `stop_early(done, val_accuracy)` will stop the run (changes nothing)."""
     patience = self.config.train.early_stop_patience

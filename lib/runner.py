@@ -91,6 +91,20 @@ def pending(tasks: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
 # ---------------------------------------------------------------- one run, any process
 
 
+def _arm_log(task: Dict[str, Any], primary: bool):
+  """(log function, file) for a run: its log.txt, and the console if task['echo']."""
+  os.makedirs(task['workdir'], exist_ok=True)
+  log_file = open(os.path.join(task['workdir'], 'log.txt'), 'a') if primary else None
+
+  def log(message):
+    if log_file:
+      log_file.write(message + '\n')
+      log_file.flush()
+    if task.get('echo') and primary:
+      echo(f'  {message}')
+  return log, log_file
+
+
 def run_task(task: Dict[str, Any]) -> Dict[str, Any]:
   """Trains one run of a sweep (resuming it if interrupted), then evaluates its best
   checkpoint on the test split. Never raises for a failed run: the failure is
@@ -101,16 +115,7 @@ def run_task(task: Dict[str, Any]) -> Dict[str, Any]:
   from lib import evaluate, train
   primary = jax.process_index() == 0
   rundir = RunDir(task['workdir'])
-  os.makedirs(task['workdir'], exist_ok=True)
-  log_file = open(os.path.join(task['workdir'], 'log.txt'), 'a') if primary else None
-
-  def log(message):
-    if log_file:
-      log_file.write(message + '\n')
-      log_file.flush()
-    if task.get('echo') and primary:
-      echo(f'  {message}')
-
+  log, log_file = _arm_log(task, primary)
   start = time.time()
   try:
     config = config_lib.from_json_dict(task['config'])
@@ -133,6 +138,74 @@ def run_task(task: Dict[str, Any]) -> Dict[str, Any]:
     if log_file:
       log_file.close()
   return {**status, 'arm': task['arm'], 'seed': task['seed'], 'seconds': time.time() - start}
+
+
+def run_group(tasks: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+  """Trains runs that share a program (lib/arms.py) together as arms of one
+  compiled program (lib/group_train.py), then evaluates each arm's best
+  checkpoint on the test split, as run_task does for one run. A failure fails
+  every arm of the group (recorded in each status.json); the sweep goes on."""
+  from lib import sharding
+  sharding.initialize_distributed(tasks[0].get('distributed', 'off'))
+  import jax
+  from lib import evaluate, group_train, train
+  primary = jax.process_index() == 0
+  logs = [_arm_log({**t, 'echo': False}, primary) for t in tasks]
+  echo_group = tasks[0].get('echo') and primary
+  group_log = (lambda m: echo(f'  {m}')) if echo_group else (lambda m: None)
+  start = time.time()
+  try:
+    configs = [config_lib.from_json_dict(t['config']) for t in tasks]
+    hparams = [{'arm': t['arm'], **config_lib.flatten(t['config'])} for t in tasks]
+    statuses = group_train.train_group(
+        configs, [t['workdir'] for t in tasks], logs=[l for l, _ in logs], log=group_log,
+        hparams=hparams, stop_after_step=next((t['stop_after_step'] for t in tasks
+                                                if t.get('stop_after_step') is not None), None))
+    for i, (task, status) in enumerate(zip(tasks, statuses)):
+      if status.get('status') == 'done' and 'test' not in status:
+        statuses[i] = _test(RunDir(task['workdir']), evaluate, status, logs[i][0], primary)
+  except train.Preempted as e:
+    raise Killed(str(e)) from None
+  except Exception as e:   # recorded in every arm, and the sweep goes on
+    reason = f'{type(e).__name__}: {e}'
+    group_log(f'failed: {reason}')
+    statuses = []
+    for task, (log, log_file) in zip(tasks, logs):
+      log(f'failed: {reason}')
+      if log_file:
+        log_file.write(traceback.format_exc())
+      if primary:
+        RunDir(task['workdir']).set_status('failed', reason)
+      statuses.append({'status': 'failed', 'reason': reason})
+  finally:
+    for _, log_file in logs:
+      if log_file:
+        log_file.close()
+  seconds = time.time() - start
+  return [{**s, 'arm': t['arm'], 'seed': t['seed'], 'seconds': seconds}
+          for t, s in zip(tasks, statuses)]
+
+
+def plan_groups(tasks: Sequence[Dict[str, Any]], log=echo) -> List[List[Dict[str, Any]]]:
+  """The tasks of a vectorized sweep as jobs: runs that share a program go
+  together (at most train.max_arms per job; 0 = no cap), the others alone. Says
+  which runs could not join the largest group, and why."""
+  from lib import arms
+  groups, notes = arms.group([t['config'] for t in tasks])
+  jobs = []
+  for g in groups:
+    cap = tasks[g[0]]['config']['train']['max_arms']
+    start = 0
+    for size in arms.chunk_sizes(len(g), cap):
+      jobs.append([tasks[i] for i in g[start:start + size]])
+      start += size
+  names = lambda g: ', '.join(sorted({tasks[i]['arm'] for i in g}))
+  log(f'vectorized: {len(tasks)} runs in {len(groups)} program group(s)' +
+      (f', {len(jobs)} jobs (train.max_arms)' if len(jobs) > len(groups) else ''))
+  for k, g in enumerate(groups):
+    why = f': {notes[k - 1]}' if k else ''
+    log(f'  group {k + 1}: {len(g)} run(s) of arms {names(g)}{why}')
+  return jobs
 
 
 def _test(rundir: RunDir, evaluate, status: Dict[str, Any], log, primary: bool):
@@ -178,18 +251,32 @@ class _Progress:
     self.log(f'{_line(self.done, self.n, result)} | sweep ETA {format_duration(eta)}')
 
 
-def run_local(tasks: Sequence[Dict[str, Any]], parallel: int = 1, log=echo,
-              kill_at: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
+def _run_job(job):
+  """A job is one task (run_task) or a list of tasks trained together (run_group)."""
+  return run_group(job) if isinstance(job, list) else [run_task(job)]
+
+
+def _job_tasks(job) -> List[Dict[str, Any]]:
+  return job if isinstance(job, list) else [job]
+
+
+def run_local(jobs: Sequence, parallel: int = 1, log=echo) -> List[Dict[str, Any]]:
   """One after another in this process (progress on the console), or `parallel`
-  worker processes, each with its own share of the local GPUs."""
-  progress, results = _Progress(len(tasks), parallel, log), []
+  worker processes, each with its own share of the local GPUs. A job is a task
+  or a list of tasks trained together."""
+  n = sum(len(_job_tasks(j)) for j in jobs)
+  progress, results = _Progress(n, parallel, log), []
   if parallel <= 1:
-    for i, task in enumerate(tasks):
-      log(f'[{i + 1}/{len(tasks)}] {task["arm"]}/seed_{task["seed"]} -> {task["workdir"]}')
-      stop = kill_at.get('step') if kill_at and kill_at['run'] == i else None
-      result = run_task({**task, 'echo': True, 'stop_after_step': stop})
-      progress.finished(result)
-      results.append(result)
+    for job in jobs:
+      tasks = _job_tasks(job)
+      first = progress.done + 1
+      what = (f'{tasks[0]["arm"]}/seed_{tasks[0]["seed"]} -> {tasks[0]["workdir"]}'
+              if len(tasks) == 1 else f'{len(tasks)} runs as one program')
+      log(f'[{first}{"" if len(tasks) == 1 else f"-{first + len(tasks) - 1}"}/{n}] {what}')
+      echoed = [{**t, 'echo': True} for t in tasks]
+      for result in _run_job(echoed if isinstance(job, list) else echoed[0]):
+        progress.finished(result)
+        results.append(result)
     return results
   ctx = multiprocessing.get_context('spawn')
   slots = ctx.Queue()
@@ -197,17 +284,17 @@ def run_local(tasks: Sequence[Dict[str, Any]], parallel: int = 1, log=echo,
     slots.put(group)
   with futures.ProcessPoolExecutor(parallel, mp_context=ctx, initializer=_worker_init,
                                    initargs=(slots,)) as pool:
-    log(f'{len(tasks)} runs on {parallel} worker processes; each run logs to <run>/log.txt')
-    running = {pool.submit(run_task, task): task for task in tasks}
+    log(f'{len(jobs)} jobs on {parallel} worker processes; each run logs to <run>/log.txt')
+    running = {pool.submit(_run_job, job): job for job in jobs}
     for future in futures.as_completed(running):
-      task = running[future]
       try:
-        result = future.result()
+        out = future.result()
       except Exception as e:   # the worker process itself died
-        result = {'status': 'failed', 'reason': f'worker died: {type(e).__name__}: {e}',
-                  'arm': task['arm'], 'seed': task['seed']}
-      progress.finished(result)
-      results.append(result)
+        out = [{'status': 'failed', 'reason': f'worker died: {type(e).__name__}: {e}',
+                'arm': t['arm'], 'seed': t['seed']} for t in _job_tasks(running[future])]
+      for result in out:
+        progress.finished(result)
+        results.append(result)
   return results
 
 
@@ -238,38 +325,45 @@ def _worker_init(slots) -> None:
   os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 
 
-def run_submitit(tasks: Sequence[Dict[str, Any]], workdir: str, cluster: str,
+def run_submitit(jobs: Sequence, workdir: str, cluster: str,
                  params: Dict[str, Any], wait: bool = True, log=echo) -> List[Dict[str, Any]]:
-  """A job array, one task per run, through submitit (cluster 'slurm', or 'local'
-  for its local executor: the same code path on one machine). Each array task may
-  span several hosts (nodes x tasks_per_node processes), which join through
+  """A job array, one array task per job (a run, or a group of runs trained as
+  one program), through submitit (cluster 'slurm', or 'local' for its local
+  executor: the same code path on one machine). Each array task may span
+  several hosts (nodes x tasks_per_node processes), which join through
   jax.distributed."""
   import submitit
   folder = os.path.join(workdir, 'slurm', '%j')
   executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
   executor.update_parameters(**params)
-  tasks = [{**t, 'distributed': 'auto'} for t in tasks]
-  jobs = executor.map_array(run_task, tasks)
-  log(f'submitted {len(jobs)} runs as job array {jobs[0].job_id.split("_")[0]} '
-      f'({cluster}); logs in {os.path.join(workdir, "slurm")}')
+  jobs = [[{**t, 'distributed': 'auto'} for t in job] if isinstance(job, list)
+          else {**job, 'distributed': 'auto'} for job in jobs]
+  submitted = executor.map_array(_run_job, jobs)
+  n = sum(len(_job_tasks(j)) for j in jobs)
+  log(f'submitted {n} runs as {len(submitted)} array tasks of job '
+      f'{submitted[0].job_id.split("_")[0]} ({cluster}); logs in '
+      f'{os.path.join(workdir, "slurm")}')
   if not wait:
     log('not waiting: rerun the same command later to resubmit what did not finish, or '
         f'python -m launch.report {workdir} for the results so far')
     return []
-  progress, results, left = _Progress(len(jobs), len(jobs), log), [], dict(zip(jobs, tasks))
+  progress, results, left = _Progress(n, len(jobs), log), [], dict(zip(submitted, jobs))
   while left:
-    for job in [j for j in left if j.done()]:
-      task = left.pop(job)
+    for array_task in [j for j in left if j.done()]:
+      job = left.pop(array_task)
       try:
-        result = job.result()
+        out = array_task.result()
       except Exception as e:   # the job failed outside run_task (killed, timed out, ...)
         reason = f'{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ""}'
-        RunDir(task['workdir']).set_status('failed', reason) if os.path.isdir(
-            task['workdir']) else None
-        result = {'status': 'failed', 'reason': reason, 'arm': task['arm'],
-                  'seed': task['seed']}
-      progress.finished(result)
-      results.append(result)
+        out = []
+        for task in _job_tasks(job):
+          if os.path.isdir(task['workdir']):
+            RunDir(task['workdir']).set_status('failed', reason)
+          out.append({'status': 'failed', 'reason': reason, 'arm': task['arm'],
+                      'seed': task['seed']})
+      for result in out:
+        progress.finished(result)
+        results.append(result)
     if left:
       time.sleep(2)
   return results
@@ -317,14 +411,23 @@ def stage_scores(tasks: Sequence[Dict[str, Any]]) -> Dict[str, float]:
 
 def execute(tasks: Sequence[Dict[str, Any]], workdir: str, executor: str, parallel: int = 1,
             submitit_args: Optional[Dict[str, Any]] = None, wait: bool = True, log=echo,
-            kill_at=None) -> List[Dict[str, Any]]:
+            kill_at=None, vectorize: bool = False) -> List[Dict[str, Any]]:
+  """Runs the pending tasks; with `vectorize`, runs that share a program train
+  together as one job (plan_groups). kill_at {'run': i, 'step': s} stops the job
+  holding pending run i after its first checkpoint at or past step s (tests)."""
   todo = pending(tasks)
   skipped = len(tasks) - len(todo)
   if skipped:
     log(f'{skipped} of {len(tasks)} runs already finished (or diverged): skipped')
   if not todo:
     return []
+  if kill_at:
+    todo = [{**t, 'stop_after_step': kill_at['step']} if i == kill_at['run'] else t
+            for i, t in enumerate(todo)]
+  jobs: List[Any] = list(todo)
+  if vectorize:
+    jobs = [job if len(job) > 1 else job[0] for job in plan_groups(todo, log)]
   if executor == 'local':
-    return run_local(todo, parallel, log, kill_at)
+    return run_local(jobs, parallel, log)
   cluster = 'slurm' if executor == 'slurm' else 'local'
-  return run_submitit(todo, workdir, cluster, submitit_args or {}, wait, log)
+  return run_submitit(jobs, workdir, cluster, submitit_args or {}, wait, log)
