@@ -65,8 +65,9 @@ def _dependents(config_dict: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _differences(a: Dict[str, Any], b: Dict[str, Any]) -> List[str]:
-  return [f'{k}={a.get(k, "(off)")} vs {b.get(k, "(off)")}'
-          for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+  """'key=a vs b' for keys both have, with different values (a dependent key that
+  one side leaves free is no difference)."""
+  return [f'{k}={a[k]} vs {b[k]}' for k in sorted(set(a) & set(b)) if a[k] != b[k]]
 
 
 def group(configs: Sequence[Dict[str, Any]]) -> Tuple[List[List[int]], List[str]]:

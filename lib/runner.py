@@ -284,7 +284,8 @@ def run_local(jobs: Sequence, parallel: int = 1, log=echo) -> List[Dict[str, Any
     slots.put(group)
   with futures.ProcessPoolExecutor(parallel, mp_context=ctx, initializer=_worker_init,
                                    initargs=(slots,)) as pool:
-    log(f'{len(jobs)} jobs on {parallel} worker processes; each run logs to <run>/log.txt')
+    what = f'{n} runs' if len(jobs) == n else f'{n} runs as {len(jobs)} jobs'
+    log(f'{what} on {parallel} worker processes; each run logs to <run>/log.txt')
     running = {pool.submit(_run_job, job): job for job in jobs}
     for future in futures.as_completed(running):
       try:
