@@ -1,7 +1,10 @@
 """Benchmark: python -m launch.benchmark [--models=mlp,resnet20] [--batch_size=128]
-[--cifar_dir=../shared/data/cifar-10-batches-py]
+[--cifar_dir=../shared/data/cifar-10-batches-py] [--arms=1,2,4,8,16]
 
-Prints a table and, last, one JSON line with every number.
+Prints tables and, last, one JSON line with every number. With --arms: arms
+trained one by one against one vectorized program, for the quickstart MLP on
+digits and ResNet-20 on 32x32 images (--arm_models), and the wall time of a
+whole sweep of the MLP both ways (--sweep_arms).
 """
 import json
 import platform
@@ -10,7 +13,7 @@ import jax
 from absl import flags
 
 from experiments import quickstart
-from lib import benchmark, cli
+from lib import benchmark, cli, data
 
 _MODELS = flags.DEFINE_list('models', ['mlp', 'resnet20'], 'Models for the step benchmark.')
 _BATCH = flags.DEFINE_integer('batch_size', 128, 'Global batch size.')
@@ -18,6 +21,18 @@ _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps per model.')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
 _CIFAR = flags.DEFINE_string('cifar_dir', None, 'Also measure the loop overhead of ResNet-20 '
                              'on this CIFAR "python version" directory.')
+_ARMS = flags.DEFINE_list('arms', [], 'Arm counts for the vectorized-arms benchmark, e.g. '
+                          '1,2,4,8,16 (empty: skip it).')
+_ARM_MODELS = flags.DEFINE_list('arm_models', ['mlp_digits', 'resnet20'],
+                                'mlp_digits: the quickstart MLP on digits (batch 32); resnet20: '
+                                'ResNet-20 on synthetic 32x32 images (batch --batch_size).')
+_ARM_STEPS = flags.DEFINE_integer('arm_steps', 0, 'Timed steps per arm count (0: --steps for '
+                                  'the MLP, 3 for ResNet-20).')
+_MODE = flags.DEFINE_enum('vectorize_mode', 'auto', ['auto', 'vmap', 'unroll'],
+                          'How arms are vectorized (train.vectorize_mode).')
+_SWEEP_ARMS = flags.DEFINE_integer('sweep_arms', 8, 'With --arms: also time a whole sweep of '
+                                   'this many quickstart runs, one by one and as one group '
+                                   '(0: skip).')
 
 
 def main(argv):
@@ -44,8 +59,39 @@ def main(argv):
   for r in loops:
     print(f'{r["model"] + " on " + r["data"]:<22} {r["steps_per_epoch"]:>5} {r["epoch_s"]:>8.2f} '
           f'{r["in_step_s"]:>9.2f} {r["outside_fraction"]:>8.1%}', flush=True)
+  arms, sweeps = [], []
+  counts = [int(a) for a in _ARMS.value]
+  for name in (_ARM_MODELS.value if counts else []):
+    if name == 'mlp_digits':
+      c = quickstart.get_config()
+      dataset, n_steps = data.load(c.data), _ARM_STEPS.value or _STEPS.value
+    elif name == 'resnet20':
+      c = quickstart.get_config()
+      c.model.name, c.model.norm, c.model.width, c.model.depth = 'resnet20', 'batch', -1, -1
+      c.train.batch_size = _BATCH.value
+      c.augment.crop_padding, c.augment.flip = 4, True
+      dataset = benchmark.synthetic_dataset(_BATCH.value * 4)
+      n_steps = _ARM_STEPS.value or 3
+    else:
+      raise ValueError(f'unknown --arm_models entry {name!r}; valid: mlp_digits, resnet20')
+    c.model.dtype = _DTYPE.value
+    print(f'\n{name}: arms one by one vs one vectorized program')
+    print(f'{"arms":>4} {"mode":>6} {"mesh":>5} {"one-by-one ex/s":>15} {"vectorized ex/s":>15} '
+          f'{"speedup":>7} {"step ms":>8} {"compile s":>9}')
+    for r in benchmark.arms_throughput(c, dataset, counts, n_steps, mode=_MODE.value):
+      arms.append({**r, 'benchmark': name})
+      print(f'{r["arms"]:>4} {r["mode"]:>6} {r["mesh"]:>5} '
+            f'{r["one_by_one_examples_per_sec"]:>15,.0f} '
+            f'{r["vectorized_examples_per_sec"]:>15,.0f} {r["speedup"]:>6.2f}x '
+            f'{r["step_ms"]:>8.1f} {r["compile_s"]:>9.1f}', flush=True)
+  if counts and _SWEEP_ARMS.value:
+    r = benchmark.sweep_wall_time(quickstart.get_config(), _SWEEP_ARMS.value)
+    sweeps.append(r)
+    print(f'\nwhole sweep: {r["arms"]} quickstart runs ({r["epochs"]} epochs each): one by one '
+          f'{r["one_by_one_s"]:.1f} s, as one group {r["group_s"]:.1f} s, '
+          f'speedup {r["speedup"]:.2f}x', flush=True)
   print(json.dumps({'machine': machine, 'jax': jax.__version__, 'train_step': steps,
-                    'epoch_loop': loops}))
+                    'epoch_loop': loops, 'arms': arms, 'sweep': sweeps}))
 
 
 if __name__ == '__main__':

@@ -4,17 +4,24 @@
   (timed after compilation, blocking once at the end), and compile time;
 * loop overhead: the fraction of a real epoch's wall time (training, the
   evaluation and checkpoint at its end included) spent outside the compiled
-  step: 1 - steps * step_time / epoch_wall_time.
+  step: 1 - steps * step_time / epoch_wall_time;
+* arms: N arms trained one by one (N calls of one arm's step) against N arms
+  as one vectorized program (lib/vector_engine.py): examples/s summed over the
+  arms, and the speedup N * t(one arm) / t(N arms);
+* sweep wall time: N whole runs (train_and_evaluate, one after another) against
+  the same N runs as one group (train_group), compile, evaluation and
+  checkpoints included.
 """
 import os
 import tempfile
 import time
-from typing import Dict
+from typing import Dict, List, Sequence
 
 import jax
 import numpy as np
 
-from lib import data, engine, sharding
+from lib import data, engine, group_train, sharding
+from lib import vector_engine as ve
 from lib.config import base_config, resolve
 from lib.rundir import RunDir
 from lib.train import train_and_evaluate
@@ -75,3 +82,78 @@ def loop_overhead(config, steps: int = 20) -> Dict[str, float]:
   return {'model': config.model.name, 'data': config.data.source,
           'steps_per_epoch': eng.steps_per_epoch, 'epoch_s': epoch_s,
           'in_step_s': in_step, 'outside_fraction': max(0.0, 1.0 - in_step / epoch_s)}
+
+
+def _time(call, state, sums, steps: int):
+  for _ in range(2):   # warm-up
+    state, sums = call(state, sums)
+  jax.block_until_ready(state)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    state, sums = call(state, sums)
+  jax.block_until_ready(state)
+  return (time.perf_counter() - t0) / steps
+
+
+def arms_throughput(config, dataset, arm_counts: Sequence[int], steps: int = 20, devices=None,
+                    mode: str = 'auto') -> List[Dict[str, float]]:
+  """For each N in arm_counts: examples/s summed over N arms of `config` (seeds
+  0..N-1) trained one by one (one arm's compiled step, N times) and as one
+  vectorized program, and the speedup of the latter."""
+  config = resolve(config)
+  devices = list(devices if devices is not None else jax.devices())
+  eng = engine.Engine(config, dataset, sharding.make_mesh(devices))
+  one_s, _ = _time_steps(eng, steps)
+  batch = config.train.batch_size
+  out = []
+  for n in arm_counts:
+    configs = []
+    for seed in range(n):
+      c = config.copy_and_resolve_references()
+      c.unlock()
+      c.seed = seed
+      configs.append(resolve(c))
+    veng = ve.VectorEngine(configs, dataset, devices, mode)
+    t0 = time.perf_counter()
+    compiled = veng._step(False)
+    compile_s = time.perf_counter() - t0
+    images, labels = veng.base.split_on_device('train')
+    idx, active = veng.epoch_indices(0), veng._all_active
+    state = veng.stack([veng.init_arm(i) for i in range(n)])
+    step_s = _time(lambda st, sm: compiled(st, veng.hparams, images, labels, idx, sm, active),
+                   state, veng.zero_sums(), steps)
+    out.append({'model': config.model.name, 'arms': n, 'mode': veng.mode,
+                'mesh': f'{veng.mesh.shape[sharding.ARMS]}x{veng.mesh.shape[sharding.DATA]}',
+                'batch_per_arm': batch,
+                'one_by_one_examples_per_sec': batch / one_s,
+                'vectorized_examples_per_sec': n * batch / step_s,
+                'speedup': n * one_s / step_s, 'step_ms': 1000 * step_s,
+                'compile_s': compile_s})
+  return out
+
+
+def sweep_wall_time(config, n: int, devices=None) -> Dict[str, float]:
+  """Wall seconds to train n runs of `config` (seeds 0..n-1) to the end, one after
+  another (train_and_evaluate) and as one group (train_group), from scratch in a
+  scratch directory: compile, evaluations and checkpoints included."""
+  config = resolve(config)
+  configs = []
+  for seed in range(n):
+    c = config.copy_and_resolve_references()
+    c.unlock()
+    c.seed = seed
+    configs.append(c)
+  mesh = sharding.make_mesh(devices) if devices is not None else None
+  quiet = lambda message: None
+  with tempfile.TemporaryDirectory() as tmp:
+    t0 = time.perf_counter()
+    for i, c in enumerate(configs):
+      train_and_evaluate(c, os.path.join(tmp, f'one_{i}'), log=quiet, mesh=mesh)
+    one_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    group_train.train_group(configs, [os.path.join(tmp, f'group_{i}') for i in range(n)],
+                            log=quiet, devices=devices)
+    group_s = time.perf_counter() - t0
+  return {'model': config.model.name, 'data': config.data.source, 'arms': n,
+          'epochs': config.train.epochs, 'one_by_one_s': one_s, 'group_s': group_s,
+          'speedup': one_s / group_s}

@@ -13,7 +13,9 @@ the step), its own strengths. Two ways to vectorize the same single-arm step
   unroll  the single-arm step written out once per arm in one program, arm
           after arm: no grouped convolutions, which XLA:CPU runs slowly.
 
-`auto` picks unroll for convolutional models on CPU, vmap everywhere else.
+`auto` picks unroll for convolutional models on CPU (XLA:CPU runs the grouped
+convolutions of vmap 4-8x slower per arm than plain ones, measured) and for a
+single arm, vmap everywhere else.
 A boolean `active` per arm freezes arms that have finished or have not caught
 up yet (a group resumed from checkpoints of different steps).
 """
@@ -32,10 +34,14 @@ from lib import engine, models, sharding, steps
 MODES = ('vmap', 'unroll')
 
 
-def resolve_mode(mode: str, program, platform: str) -> str:
+def resolve_mode(mode: str, program, platform: str, n_arms: int = 2) -> str:
+  """auto: unroll for one arm (the single-arm program itself) and for convolutional
+  models on CPU; vmap everywhere else."""
   if mode != 'auto':
     return mode
-  return 'unroll' if platform == 'cpu' and program.model.name != 'mlp' else 'vmap'
+  if n_arms == 1 or (platform == 'cpu' and program.model.name != 'mlp'):
+    return 'unroll'
+  return 'vmap'
 
 
 def arm_axis_size(n_devices: int, n_arms: int, batch: int, mode: str) -> int:
@@ -66,7 +72,7 @@ class VectorEngine:
     self.n = len(self.configs)
     self.program = arms_lib.program_config(self.configs)
     devices = list(devices if devices is not None else jax.devices())
-    self.mode = resolve_mode(mode, self.program, devices[0].platform)
+    self.mode = resolve_mode(mode, self.program, devices[0].platform, self.n)
     batch = self.program.train.batch_size
     self.mesh = sharding.make_arm_mesh(
         devices, arm_axis_size(len(devices), self.n, batch, self.mode))
@@ -90,8 +96,10 @@ class VectorEngine:
     self._stack = jax.jit(lambda *s: _stack(s), out_shardings=self.by_arm)
     self._unstack = jax.jit(lambda s: [_take(s, i) for i in range(self.n)],
                             out_shardings=self.rep)
+    # Running metrics and evaluation totals are small: replicated, so every process
+    # of a multi-host job can read all arms' values.
     self._zero_sums = jax.jit(lambda: _stack([steps.zero_sums()] * self.n),
-                              out_shardings=self.by_arm)
+                              out_shardings=self.rep)
 
   # ----- vectorizing a single-arm function -----
   def _vectorize(self, fn, in_axes):
@@ -144,7 +152,7 @@ class VectorEngine:
       return new_state, new_sums
 
     fn = self._vectorize(arm_step, (0, 0, None, None, 0, 0, 0))
-    return jax.jit(fn, donate_argnums=(0, 5), out_shardings=(self.by_arm, self.by_arm))
+    return jax.jit(fn, donate_argnums=(0, 5), out_shardings=(self.by_arm, self.rep))
 
   def _step(self, masked: bool):
     """The step compiled ahead of time for the arm-stacked shapes (so the memory
@@ -156,7 +164,9 @@ class VectorEngine:
   def _abstract_args(self):
     by_arm = lambda s: jax.ShapeDtypeStruct((self.n,) + s.shape, s.dtype, sharding=self.by_arm)
     state = jax.tree.map(by_arm, self.abstract_arm_state())
-    sums = jax.tree.map(by_arm, jax.eval_shape(steps.zero_sums))
+    sums = jax.tree.map(lambda s: jax.ShapeDtypeStruct((self.n,) + s.shape, s.dtype,
+                                                       sharding=self.rep),
+                        jax.eval_shape(steps.zero_sums))
     hp = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.by_arm),
                       self.hparams)
     images, labels = self.base.split_on_device('train')
@@ -193,7 +203,8 @@ class VectorEngine:
   # ----- evaluation -----
   @functools.lru_cache(maxsize=None)
   def _eval_fn(self, tta: str):
-    return jax.jit(self._vectorize(self.base.eval_split_fn(tta), (0, None, None, None, None)))
+    return jax.jit(self._vectorize(self.base.eval_split_fn(tta), (0, None, None, None, None)),
+                   out_shardings=self.rep)
 
   def evaluate(self, state, split: str = 'val', tta: Optional[str] = None) -> List[Dict]:
     """Loss and accuracy of every arm over a whole split, in one launch."""
