@@ -3,7 +3,9 @@
   python -m launch.sweep --config=experiments/quickstart_sweep.py --workdir=runs/quickstart_sweep
 
 Arms: no dropout (baseline), inverted dropout 0.2 and 0.5 after every hidden layer of the
-2x512 MLP, 3 seeds each: 9 runs of 20 epochs, a few minutes on 2 CPU cores, no download.
+2x512 MLP, 3 seeds each: 9 runs of 20 epochs, no download. The 9 runs share one program
+(they differ only in seed and dropout rate), so `train.vectorize` trains them together as
+arms of one compiled program (under 20 s on 2 CPU cores; --novectorize: one by one).
 Literature: Srivastava et al. (2014) report dropout helping large fully connected nets
 (MNIST error 1.60% -> 1.25% for 3x1024 ReLU nets with p = 0.5, input p = 0.2). On 1617
 tiny images a 512-wide net is not short of data for its size, so expect a small effect
@@ -16,6 +18,7 @@ def get_config(arg=None):
   c = quickstart.get_config(arg)
   c.regularize.dropout_at = 'hidden'
   c.train.log_every = 1000
+  c.train.vectorize = True
   return c
 
 

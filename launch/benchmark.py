@@ -26,8 +26,8 @@ _ARMS = flags.DEFINE_list('arms', [], 'Arm counts for the vectorized-arms benchm
 _ARM_MODELS = flags.DEFINE_list('arm_models', ['mlp_digits', 'resnet20'],
                                 'mlp_digits: the quickstart MLP on digits (batch 32); resnet20: '
                                 'ResNet-20 on synthetic 32x32 images (batch --batch_size).')
-_ARM_STEPS = flags.DEFINE_integer('arm_steps', 0, 'Timed steps per arm count (0: --steps for '
-                                  'the MLP, 3 for ResNet-20).')
+_ARM_STEPS = flags.DEFINE_integer('arm_steps', 0, 'Timed steps per arm count (0: 200 for the '
+                                  'MLP, 3 for ResNet-20).')
 _MODE = flags.DEFINE_enum('vectorize_mode', 'auto', ['auto', 'vmap', 'unroll'],
                           'How arms are vectorized (train.vectorize_mode).')
 _SWEEP_ARMS = flags.DEFINE_integer('sweep_arms', 8, 'With --arms: also time a whole sweep of '
@@ -64,7 +64,7 @@ def main(argv):
   for name in (_ARM_MODELS.value if counts else []):
     if name == 'mlp_digits':
       c = quickstart.get_config()
-      dataset, n_steps = data.load(c.data), _ARM_STEPS.value or _STEPS.value
+      dataset, n_steps = data.load(c.data), _ARM_STEPS.value or 200
     elif name == 'resnet20':
       c = quickstart.get_config()
       c.model.name, c.model.norm, c.model.width, c.model.depth = 'resnet20', 'batch', -1, -1

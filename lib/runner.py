@@ -320,6 +320,8 @@ def _device_groups(parallel: int) -> List[Optional[str]]:
 
 
 def _worker_init(slots) -> None:
+  from absl import logging
+  logging.set_verbosity(logging.ERROR)   # as in the parent (lib/cli.py): no Orbax INFO/WARNING
   group = slots.get()
   if group is not None:
     os.environ['CUDA_VISIBLE_DEVICES'] = group

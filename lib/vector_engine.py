@@ -14,7 +14,7 @@ the step), its own strengths. Two ways to vectorize the same single-arm step
           after arm: no grouped convolutions, which XLA:CPU runs slowly.
 
 `auto` picks unroll for convolutional models on CPU (XLA:CPU runs the grouped
-convolutions of vmap 4-8x slower per arm than plain ones, measured) and for a
+convolutions of vmap about 4x slower per arm than plain ones, measured) and for a
 single arm, vmap everywhere else.
 A boolean `active` per arm freezes arms that have finished or have not caught
 up yet (a group resumed from checkpoints of different steps).
@@ -91,6 +91,7 @@ class VectorEngine:
         self.base.model, self.base.tx_build, self.program, self.mesh, self.base.mean,
         self.base.std, dataset.num_classes, self.steps_per_epoch)
     self._steps: Dict[bool, object] = {}
+    self._evals: Dict[tuple, object] = {}
     self._serialize = self.base._serialize
     self._all_active = sharding.to_global(np.ones((self.n,), bool), self.by_arm)
     self._stack = jax.jit(lambda *s: _stack(s), out_shardings=self.by_arm)
@@ -201,29 +202,41 @@ class VectorEngine:
     return [float(c.optim.lr * m) for c in self.configs]
 
   # ----- evaluation -----
-  @functools.lru_cache(maxsize=None)
-  def _eval_fn(self, tta: str):
-    return jax.jit(self._vectorize(self.base.eval_split_fn(tta), (0, None, None, None, None)),
+  def _eval(self, tta: str, split: str):
+    """The evaluation of every arm over a split, compiled ahead of time (once per
+    tta and split: the memory check compiles the one of 'val')."""
+    key = (tta, split)
+    if key not in self._evals:
+      fn = jax.jit(self._vectorize(self.base.eval_split_fn(tta), (0, None, None, None, None)),
                    out_shardings=self.rep)
+      state = jax.tree.map(
+          lambda s: jax.ShapeDtypeStruct((self.n,) + s.shape, s.dtype, sharding=self.by_arm),
+          self.abstract_arm_state())
+      self._evals[key] = fn.lower(state, *self.base.eval_inputs(split)).compile()
+    return self._evals[key]
 
   def evaluate(self, state, split: str = 'val', tta: Optional[str] = None) -> List[Dict]:
     """Loss and accuracy of every arm over a whole split, in one launch."""
     tta = self.base.check_tta(tta)
-    totals = jax.device_get(self._eval_fn(tta)(state, *self.base.eval_inputs(split)))
+    totals = jax.device_get(self._eval(tta, split)(state, *self.base.eval_inputs(split)))
     return [engine.eval_result(_take(totals, i)) for i in range(self.n)]
 
   # ----- memory -----
   def bytes_per_device(self) -> Optional[int]:
-    """Device memory the compiled step needs (arguments, outputs, temporaries),
-    from XLA's memory analysis of the program; None where the backend gives none."""
+    """Device memory the larger of the compiled train step and evaluation needs
+    (arguments, outputs, temporaries), from XLA's memory analysis of the programs;
+    None where the backend gives none."""
+    need = 0
     try:
-      m = self._step(False).memory_analysis()
+      for compiled in (self._step(False), self._eval(self.base.check_tta(None), 'val')):
+        m = compiled.memory_analysis()
+        if m is None:
+          return None
+        need = max(need, int(m.argument_size_in_bytes + m.output_size_in_bytes
+                             - m.alias_size_in_bytes + m.temp_size_in_bytes))
     except Exception:   # noqa: BLE001 - an estimate; training will tell
       return None
-    if m is None:
-      return None
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-               + m.temp_size_in_bytes)
+    return need
 
 
 def device_memory_budget(devices) -> int:
