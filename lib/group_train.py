@@ -14,7 +14,8 @@ accuracy (or a tie: Orbax keeps the latest of equals), at the arm's last step
 (the end or an early stop) and at resume points, evaluations at least
 `resume_every_s` seconds after the previous one.
 A finished arm's checkpoints are those of its separate run: the latest and the
-best. A kill loses at most `resume_every_s` seconds of training.
+best. A kill loses at most `resume_every_s` seconds of training plus one
+evaluation interval.
 
 Resume. Each arm restores its own latest checkpoint. Arms that are behind
 train while the others wait (frozen by the step's `active` mask), then all go
@@ -30,6 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from lib import arms as arms_lib
 from lib import data, engine, sharding
@@ -42,6 +44,14 @@ from lib.train import Preempted, checkpoint_meta, is_eval_step
 RESUME_EVERY_S = 60.0
 
 
+def _agree(value):
+  """Process 0's value on every process: choices from clocks or local memory must not
+  differ between the hosts of one program (they would run different collectives)."""
+  if jax.process_count() == 1:
+    return value
+  return multihost_utils.broadcast_one_to_all(np.asarray(value)).item()
+
+
 def plan_programs(configs: Sequence, dataset, devices, mode: str, max_arms: int = 0,
                   memory_budget: Optional[int] = None, log=echo):
   """(indices of `configs` per program, the engine of the first program): at
@@ -49,7 +59,8 @@ def plan_programs(configs: Sequence, dataset, devices, mode: str, max_arms: int 
   fit `memory_budget` bytes per device. The engine's step is compiled already."""
   n = len(configs)
   sizes = arms_lib.chunk_sizes(n, max_arms or n)
-  budget = memory_budget if memory_budget is not None else ve.device_memory_budget(devices)
+  budget = _agree(memory_budget if memory_budget is not None
+                  else ve.device_memory_budget(devices))
   while True:   # memory grows about linearly with the arms: one or two compiles
     eng = ve.VectorEngine(configs[:sizes[0]], dataset, devices, mode)
     need = eng.bytes_per_device()
@@ -91,26 +102,31 @@ def train_group(configs: Sequence, workdirs: Sequence[str], *, logs: Optional[Se
   devices = list(devices if devices is not None else jax.devices())
   dataset = data.load(first.data)
   total = first.train.epochs * engine.steps_per_epoch(first, dataset)
-  program_mode = ve.resolve_mode(mode, first, devices[0].platform)
-  sharding.check_batch(first.train.batch_size, sharding.make_arm_mesh(
-      devices, ve.arm_axis_size(len(devices), 1, first.train.batch_size, program_mode)))
+  batch = first.train.batch_size
+  sharding.check_batch(batch, sharding.make_arm_mesh(devices, ve.arm_axis_size(
+      len(devices), n, batch, ve.resolve_mode(mode, first, devices[0].platform, n))))
 
   results: List[Optional[Dict[str, Any]]] = [b.open(total) for b in books]
   live = [i for i in range(n) if results[i] is None]
-  if not live:
-    return results
-  programs, eng = plan_programs([books[i].config for i in live], dataset, devices, mode,
-                                max_arms, memory_budget, log)
-  for p, members in enumerate(programs):
-    chunk = [live[j] for j in members]
-    if len(programs) > 1:
-      log(f'program {p + 1}/{len(programs)}: {len(chunk)} arms')
-    if p > 0:   # the first program's engine comes compiled from the plan
-      eng = ve.VectorEngine([books[i].config for i in chunk], dataset, devices, mode)
-    out = _train_program(eng, [books[i] for i in chunk], log, stop_after_step, resume_every_s)
-    for i, status in zip(chunk, out):
-      results[i] = status
-  return results
+  ended: Dict[int, Dict[str, Any]] = {}   # arm -> final status, as soon as it has one
+  try:
+    if live:
+      programs, eng = plan_programs([books[i].config for i in live], dataset, devices, mode,
+                                    max_arms, memory_budget, log)
+      for p, members in enumerate(programs):
+        chunk = [live[j] for j in members]
+        if len(programs) > 1:
+          log(f'program {p + 1}/{len(programs)}: {len(chunk)} arms')
+        if p > 0:   # the first program's engine comes compiled from the plan
+          eng = ve.VectorEngine([books[i].config for i in chunk], dataset, devices, mode)
+        _train_program(eng, [books[i] for i in chunk], log, stop_after_step, resume_every_s,
+                       lambda j, status, chunk=chunk: ended.__setitem__(chunk[j], status))
+  except (Exception, KeyboardInterrupt) as e:
+    for i in live:   # an arm that ended keeps its status; the others record the failure
+      if i not in ended:
+        books[i].close_writer() if isinstance(e, Preempted) else books[i].fail(e)
+    raise
+  return [ended.get(i, r) for i, r in enumerate(results)]
 
 
 def _summary(values: Sequence[float], fmt: str = '.4f') -> str:
@@ -119,14 +135,27 @@ def _summary(values: Sequence[float], fmt: str = '.4f') -> str:
   return f'{np.mean(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})'
 
 
+class _Ended(dict):
+  """Arm -> final status; reports each one as it is set."""
+
+  def __init__(self, report):
+    super().__init__()
+    self.report = report
+
+  def __setitem__(self, i, status):
+    super().__setitem__(i, status)
+    self.report(i, status)
+
+
 def _train_program(eng: ve.VectorEngine, books: Sequence[RunBook], log, stop_after_step,
-                   resume_every_s: float) -> List[Dict[str, Any]]:
+                   resume_every_s: float, report: Callable) -> None:
+  """Trains the arms of one program; report(i, status) as each arm ends."""
   n, total, spe = eng.n, eng.total_steps, eng.steps_per_epoch
   abstract = eng.abstract_arm_state()
   restored = [b.restore(abstract) for b in books]
   state = eng.stack([s if s is not None else eng.init_arm(i) for i, s in enumerate(restored)])
   del restored
-  finished: Dict[int, Dict[str, Any]] = {}
+  finished = _Ended(report)
   for i, b in enumerate(books):
     status = b.begin()
     if status is not None:
@@ -134,7 +163,7 @@ def _train_program(eng: ve.VectorEngine, books: Sequence[RunBook], log, stop_aft
   starts = [b.start for b in books]
   todo = [i for i in range(n) if i not in finished]
   if not todo:
-    return [finished[i] for i in range(n)]
+    return
   first = min(starts[i] for i in todo)
   cfg = eng.program
   log(f'training {n} arms of {cfg.model.name} on {cfg.data.source} '
@@ -150,94 +179,92 @@ def _train_program(eng: ve.VectorEngine, books: Sequence[RunBook], log, stop_aft
   sums = eng.zero_sums()
   epoch_indices, current_epoch = None, -1
   window_start, window_steps = time.time(), 0
-  train_time, segment_start = 0.0, time.time()
+  train_time, segment_start, steps_run = 0.0, time.time(), 0
   last_resume_point = time.time()
   group_start = time.time()
-  try:
-    for step in range(first, total):
-      active = np.array([i not in finished and starts[i] <= step for i in range(n)])
-      if not active.any():
+  for step in range(first, total):
+    active = np.array([i not in finished and starts[i] <= step for i in range(n)])
+    if not active.any():   # every arm ended, or the rest start later (resumed further on)
+      if len(finished) == n:
         break
-      if step // spe != current_epoch:
-        current_epoch = step // spe
-        epoch_indices = eng.epoch_indices(current_epoch)
-      state, sums = eng.train_step(state, epoch_indices, sums, active)
-      done = step + 1
-      window_steps += 1
-      is_eval = is_eval_step(done, total, spe, cfg.train.eval_every)
-      if not (is_eval or done % cfg.train.log_every == 0):
-        continue
-      host = jax.device_get(sums)
-      stepped = [i for i in range(n) if active[i]]
-      for i in stepped:
-        if host['first_nonfinite_step'][i] >= 0:
-          finished[i] = books[i].diverged(int(host['first_nonfinite_step'][i]))
-      stepped = [i for i in stepped if i not in finished]
-      now = time.time()
-      train_time += now - segment_start
-      segment_start = now
-      speed = window_steps * batch / max(now - window_start, 1e-9)   # per arm
-      window_start, window_steps = now, 0
-      eta = train_time / (done - first) * (total - done)
-      lrs = eng.learning_rates(step)
-      losses = {i: float(host['loss'][i] / host['steps'][i]) for i in stepped}
-      accs = {i: float(host['correct'][i] / host['examples'][i]) for i in stepped}
-      for i in stepped:
-        books[i].log(progress_line(done, total, spe, losses[i], accs[i], lrs[i], speed, eta))
-      if stepped:
-        log(f'step {done:>{len(str(total))}}/{total} | epoch {done / spe:6.2f} | '
-            f'{len(stepped)} arms: train_loss {_summary(list(losses.values()))} '
-            f'train_acc {_summary(list(accs.values()))} | {speed:,.0f} ex/s per arm, '
-            f'{speed * len(stepped):,.0f} in all | ETA {format_duration(eta)}')
-      if not is_eval:
-        continue
-      vals = eng.evaluate(state, 'val')
-      for i in stepped:
-        if not np.isfinite(vals[i]['loss']):   # never checkpoint a state that cannot predict
-          finished[i] = books[i].diverged(done)
-      stepped = [i for i in stepped if i not in finished]
-      stopping = stop_after_step is not None and done >= stop_after_step and done < total
-      resume_point = (done == total or stopping
-                      or time.time() - last_resume_point >= resume_every_s)
-      save = [i for i in stepped if resume_point or books[i].is_best_checkpoint(vals[i]['accuracy'])
-              or books[i].stops_at(done, vals[i]['accuracy'])]
-      wants_histograms = [i for i in stepped if books[i].config.train.tb_histograms]
-      arm_states = eng.unstack(state) if save or wants_histograms else None
-      for i in stepped:
-        histograms = None
-        if i in wants_histograms:
-          histograms = (jax.device_get(arm_states[i].params),
-                        eng.base.activations(arm_states[i]))
-        row = books[i].log_eval(done, spe, losses[i], accs[i], vals[i], lrs[i], speed,
-                                histograms)
-        if i in save:
-          books[i].save(row, arm_states[i], meta_base)
-        status = books[i].stop_early(done, vals[i]['accuracy'])
-        if status is not None:
-          finished[i] = status
-      del arm_states
-      if resume_point:
-        last_resume_point = time.time()
-      if stepped:
-        accs_val = [vals[i]['accuracy'] for i in stepped]
-        log(f'  eval step {done}: val_accuracy {_summary(accs_val)} over {len(stepped)} arms'
-            f' ({len(save)} checkpoints saved)')
-      sums = eng.zero_sums()
-      segment_start = time.time()
-      window_start = segment_start
-      if stopping:
-        for b in books:
-          b.checkpoints.wait()
-        raise Preempted(f'stopped after step {done} (stop_after_step)')
-  except (Exception, KeyboardInterrupt) as e:
-    for i, b in enumerate(books):
-      if i not in finished:
-        b.close_writer() if isinstance(e, Preempted) else b.fail(e)
-    raise
+      continue
+    if step // spe != current_epoch:
+      current_epoch = step // spe
+      epoch_indices = eng.epoch_indices(current_epoch)
+    state, sums = eng.train_step(state, epoch_indices, sums, active)
+    done = step + 1
+    window_steps += 1
+    steps_run += 1
+    is_eval = is_eval_step(done, total, spe, cfg.train.eval_every)
+    if not (is_eval or done % cfg.train.log_every == 0):
+      continue
+    host = jax.device_get(sums)
+    stepped = [i for i in range(n) if active[i]]
+    for i in stepped:
+      if host['first_nonfinite_step'][i] >= 0:
+        finished[i] = books[i].diverged(int(host['first_nonfinite_step'][i]))
+    stepped = [i for i in stepped if i not in finished]
+    now = time.time()
+    train_time += now - segment_start
+    segment_start = now
+    speed = window_steps * batch / max(now - window_start, 1e-9)   # per arm
+    window_start, window_steps = now, 0
+    eta = train_time / steps_run * (total - done)
+    lrs = eng.learning_rates(step)
+    losses = {i: float(host['loss'][i] / host['steps'][i]) for i in stepped}
+    accs = {i: float(host['correct'][i] / host['examples'][i]) for i in stepped}
+    for i in stepped:
+      books[i].log(progress_line(done, total, spe, losses[i], accs[i], lrs[i], speed, eta))
+    if stepped:
+      log(f'step {done:>{len(str(total))}}/{total} | epoch {done / spe:6.2f} | '
+          f'{len(stepped)} arms: train_loss {_summary(list(losses.values()))} '
+          f'train_acc {_summary(list(accs.values()))} | {speed:,.0f} ex/s per arm, '
+          f'{speed * len(stepped):,.0f} in all | ETA {format_duration(eta)}')
+    if not is_eval:
+      continue
+    vals = eng.evaluate(state, 'val')
+    for i in stepped:
+      if not np.isfinite(vals[i]['loss']):   # never checkpoint a state that cannot predict
+        finished[i] = books[i].diverged(done)
+    stepped = [i for i in stepped if i not in finished]
+    stopping = stop_after_step is not None and done >= stop_after_step and done < total
+    resume_point = (done == total or stopping
+                    or _agree(time.time() - last_resume_point >= resume_every_s))
+    save = [i for i in stepped if resume_point
+            or books[i].is_best_checkpoint(vals[i]['accuracy'])
+            or books[i].stops_at(done, vals[i]['accuracy'])]
+    for i in stepped:
+      histograms, arm_state = None, None
+      if i in save or books[i].config.train.tb_histograms:   # one arm's copy at a time
+        arm_state = eng.arm_state(state, i)
+      if books[i].config.train.tb_histograms:
+        histograms = (jax.device_get(arm_state.params), eng.base.activations(arm_state))
+      row = books[i].log_eval(done, spe, losses[i], accs[i], vals[i], lrs[i], speed,
+                              histograms)
+      if i in save:
+        books[i].save(row, arm_state, meta_base)
+      del arm_state
+      status = books[i].stop_early(done, vals[i]['accuracy'])
+      if status is not None:
+        finished[i] = status
+    if resume_point:
+      last_resume_point = time.time()
+    if stepped:
+      accs_val = [vals[i]['accuracy'] for i in stepped]
+      log(f'  eval step {done}: val_accuracy {_summary(accs_val)} over {len(stepped)} arms'
+          f' ({len(save)} checkpoints saved)')
+    sums = eng.zero_sums()
+    segment_start = time.time()
+    window_start = segment_start
+    if stopping:
+      for b in books:
+        b.checkpoints.wait()
+      raise Preempted(f'stopped after step {done} (stop_after_step)')
   seconds = time.time() - group_start
   for i, b in enumerate(books):
     if i not in finished:
       finished[i] = b.finish(total, seconds)
-  log(f'done in {format_duration(seconds)}: best val_accuracy '
-      f'{_summary([s.get("best_val_accuracy") or 0.0 for s in finished.values()])} over {n} arms')
-  return [finished[i] for i in range(n)]
+  best = [s['best_val_accuracy'] for s in finished.values()
+          if s.get('status') == 'done' and s.get('best_val_accuracy') is not None]
+  log(f'done in {format_duration(seconds)}: ' + (
+      f'best val_accuracy {_summary(best)} over {len(best)} arms' if best else 'no arm finished'))

@@ -161,22 +161,34 @@ def run_group(tasks: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
         configs, [t['workdir'] for t in tasks], logs=[l for l, _ in logs], log=group_log,
         hparams=hparams, stop_after_step=next((t['stop_after_step'] for t in tasks
                                                 if t.get('stop_after_step') is not None), None))
-    for i, (task, status) in enumerate(zip(tasks, statuses)):
-      if status.get('status') == 'done' and 'test' not in status:
-        statuses[i] = _test(RunDir(task['workdir']), evaluate, status, logs[i][0], primary)
   except train.Preempted as e:
     raise Killed(str(e)) from None
-  except Exception as e:   # recorded in every arm, and the sweep goes on
+  except Exception as e:   # recorded in every arm that had not ended; the sweep goes on
     reason = f'{type(e).__name__}: {e}'
     group_log(f'failed: {reason}')
     statuses = []
     for task, (log, log_file) in zip(tasks, logs):
+      ended = RunDir(task['workdir']).read_status()
+      if ended.get('status') in SKIP:
+        statuses.append(ended)
+        continue
       log(f'failed: {reason}')
       if log_file:
         log_file.write(traceback.format_exc())
       if primary:
         RunDir(task['workdir']).set_status('failed', reason)
       statuses.append({'status': 'failed', 'reason': reason})
+  try:
+    for i, (task, status) in enumerate(zip(tasks, statuses)):
+      if status.get('status') == 'done' and 'test' not in status:
+        try:
+          statuses[i] = _test(RunDir(task['workdir']), evaluate, status, logs[i][0], primary)
+        except Exception as e:   # as run_task: this run failed (a rerun retries its test)
+          reason = f'{type(e).__name__}: {e}'
+          logs[i][0](f'failed: {reason}')
+          if primary:
+            RunDir(task['workdir']).set_status('failed', reason)
+          statuses[i] = {'status': 'failed', 'reason': reason}
   finally:
     for _, log_file in logs:
       if log_file:
@@ -360,6 +372,10 @@ def run_submitit(jobs: Sequence, workdir: str, cluster: str,
         reason = f'{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ""}'
         out = []
         for task in _job_tasks(job):
+          ended = RunDir(task['workdir']).read_status()
+          if ended.get('status') in SKIP:   # the job failed after this run had ended
+            out.append({**ended, 'arm': task['arm'], 'seed': task['seed']})
+            continue
           if os.path.isdir(task['workdir']):
             RunDir(task['workdir']).set_status('failed', reason)
           out.append({'status': 'failed', 'reason': reason, 'arm': task['arm'],
@@ -424,7 +440,7 @@ def execute(tasks: Sequence[Dict[str, Any]], workdir: str, executor: str, parall
     log(f'{skipped} of {len(tasks)} runs already finished (or diverged): skipped')
   if not todo:
     return []
-  if kill_at:
+  if kill_at and executor == 'local' and parallel <= 1:
     todo = [{**t, 'stop_after_step': kill_at['step']} if i == kill_at['run'] else t
             for i, t in enumerate(todo)]
   jobs: List[Any] = list(todo)

@@ -20,6 +20,7 @@ A boolean `active` per arm freezes arms that have finished or have not caught
 up yet (a group resumed from checkpoints of different steps).
 """
 import functools
+import json
 import os
 from typing import Dict, List, Optional, Sequence
 
@@ -29,6 +30,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lib import arms as arms_lib
+from lib import config as config_lib
 from lib import engine, models, sharding, steps
 
 MODES = ('vmap', 'unroll')
@@ -95,8 +97,8 @@ class VectorEngine:
     self._serialize = self.base._serialize
     self._all_active = sharding.to_global(np.ones((self.n,), bool), self.by_arm)
     self._stack = jax.jit(lambda *s: _stack(s), out_shardings=self.by_arm)
-    self._unstack = jax.jit(lambda s: [_take(s, i) for i in range(self.n)],
-                            out_shardings=self.rep)
+    self._arm_state = jax.jit(lambda s, i: jax.tree.map(lambda x: x[i], s),
+                              out_shardings=self.rep)
     # Running metrics and evaluation totals are small: replicated, so every process
     # of a multi-host job can read all arms' values.
     self._zero_sums = jax.jit(lambda: _stack([steps.zero_sums()] * self.n),
@@ -136,9 +138,9 @@ class VectorEngine:
   def stack(self, arm_states: Sequence) -> steps.TrainState:
     return self._stack(*arm_states)
 
-  def unstack(self, state) -> List[steps.TrainState]:
-    """Every arm's state as its own (replicated) arrays, in one launch."""
-    return self._unstack(state)
+  def arm_state(self, state, i: int) -> steps.TrainState:
+    """Arm i's state as its own (replicated) arrays, e.g. to save it."""
+    return self._arm_state(state, jnp.int32(i))
 
   # ----- training -----
   def _step_fn(self, masked: bool):
@@ -157,10 +159,27 @@ class VectorEngine:
 
   def _step(self, masked: bool):
     """The step compiled ahead of time for the arm-stacked shapes (so the memory
-    check and training share one compilation)."""
+    check and training share one compilation, and so do programs of the same
+    size: see `_compiled`)."""
     if masked not in self._steps:
-      self._steps[masked] = self._step_fn(masked).lower(*self._abstract_args()).compile()
+      self._steps[masked] = _compiled(
+          self._program_key('step', masked),
+          lambda: self._step_fn(masked).lower(*self._abstract_args()).compile())
     return self._steps[masked]
+
+  def _program_key(self, *what) -> str:
+    """Everything the compiled programs depend on: the program config without what
+    only its arguments carry (seeds, strengths, init keys), which strengths are on,
+    the arms, the mode, the mesh and the data's shapes and statistics."""
+    flat = config_lib.flatten(config_lib.to_json_dict(self.program))
+    off = config_lib.flatten(config_lib.base_config().to_dict())
+    varying = set(arms_lib.varying_keys())
+    static = {k: v for k, v in flat.items() if k not in varying}
+    switches = {k: flat[k] != off[k] for k in steps.hparam_config_keys().values()}
+    data = [self.dataset.image_shape, len(self.dataset.train[1]), self.dataset.num_classes,
+            self.base.mean.tolist(), self.base.std.tolist()]
+    return json.dumps([what, static, switches, self.n, self.mode, repr(self.mesh), data],
+                      sort_keys=True, default=str)
 
   def _abstract_args(self):
     by_arm = lambda s: jax.ShapeDtypeStruct((self.n,) + s.shape, s.dtype, sharding=self.by_arm)
@@ -207,12 +226,17 @@ class VectorEngine:
     tta and split: the memory check compiles the one of 'val')."""
     key = (tta, split)
     if key not in self._evals:
-      fn = jax.jit(self._vectorize(self.base.eval_split_fn(tta), (0, None, None, None, None)),
-                   out_shardings=self.rep)
-      state = jax.tree.map(
-          lambda s: jax.ShapeDtypeStruct((self.n,) + s.shape, s.dtype, sharding=self.by_arm),
-          self.abstract_arm_state())
-      self._evals[key] = fn.lower(state, *self.base.eval_inputs(split)).compile()
+      inputs = self.base.eval_inputs(split)
+
+      def compile_():
+        fn = jax.jit(self._vectorize(self.base.eval_split_fn(tta), (0, None, None, None, None)),
+                     out_shardings=self.rep)
+        state = jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct((self.n,) + s.shape, s.dtype, sharding=self.by_arm),
+            self.abstract_arm_state())
+        return fn.lower(state, *inputs).compile()
+      self._evals[key] = _compiled(
+          self._program_key('eval', tta, [list(x.shape) for x in inputs]), compile_)
     return self._evals[key]
 
   def evaluate(self, state, split: str = 'val', tta: Optional[str] = None) -> List[Dict]:
@@ -239,16 +263,29 @@ class VectorEngine:
     return need
 
 
+_COMPILED: Dict[str, object] = {}
+
+
+def _compiled(key: str, compile_fn):
+  """A compiled program, shared by engines of the same program (the programs a
+  group is split into for memory); the last 8 are kept."""
+  if key not in _COMPILED:
+    if len(_COMPILED) >= 8:
+      _COMPILED.pop(next(iter(_COMPILED)))
+    _COMPILED[key] = compile_fn()
+  return _COMPILED[key]
+
+
 def device_memory_budget(devices) -> int:
   """Bytes one device may use for a program: 90% of the accelerator's limit, or
-  half the host's memory shared by its CPU devices."""
+  half the host's memory shared by its CPU devices (read on this process's devices)."""
+  local = [d for d in devices if d.process_index == jax.process_index()] or list(devices)
   stats = None
   try:
-    stats = devices[0].memory_stats()
+    stats = local[0].memory_stats()
   except Exception:   # noqa: BLE001 - not every backend reports
     pass
   if stats and stats.get('bytes_limit'):
     return int(0.9 * stats['bytes_limit'])
   host = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-  local = max(1, sum(d.process_index == devices[0].process_index for d in devices))
-  return int(0.5 * host / local)
+  return int(0.5 * host / len(local))

@@ -193,6 +193,19 @@ def test_arms_at_different_steps_catch_up_then_train_together(separate_mlp_runs,
     assert_same_metrics(mine, theirs)
 
 
+def test_an_arm_that_starts_later_than_the_others_end_still_trains(tmp_path):
+  # Arm 0 diverges in its first epoch; arm 1 resumes at step 80: nothing trains in between.
+  dirs = [str(tmp_path / 'boom'), str(tmp_path / 'late')]
+  late = mlp(epochs=3)
+  with pytest.raises(train.Preempted):
+    train.train_and_evaluate(late, dirs[1], log=quiet, stop_after_step=80)
+  statuses = group_train.train_group([mlp(epochs=3, **{'optim.lr': 1e6}), late], dirs,
+                                     log=quiet)
+  assert [s['status'] for s in statuses] == ['diverged', 'done']
+  train.train_and_evaluate(late, str(tmp_path / 'alone'), log=quiet)
+  assert_same_metrics(dirs[1], str(tmp_path / 'alone'))
+
+
 def test_early_stop_and_divergence_end_single_arms_only(tmp_path):
   every = {'train.eval_every': 10}   # 16 evaluations: one of them is no new best
   configs = [mlp(epochs=4, **every), mlp(epochs=4, **every, **{'train.early_stop_patience': 1}),
@@ -224,12 +237,15 @@ def test_programs_shrink_to_fit_the_memory_budget(tmp_path, devices):
   assert group_train.plan_programs(configs, dataset, devices[:1], 'auto', max_arms=3,
                                    log=quiet)[0] == [[0, 1], [2, 3]]
   lines = []
+  ve._COMPILED.clear()
   statuses = group_train.train_group(configs, [str(tmp_path / f'a{i}') for i in range(4)],
                                      log=lines.append, devices=devices[:1],
                                      memory_budget=int(need4 * 0.6))
   assert [s['status'] for s in statuses] == ['done'] * 4
   assert any('at most 2 arms per program' in l for l in lines)
   assert any(l.startswith('program 2/2: 2 arms') for l in lines)
+  # the 4-arm probe and one 2-arm step: the second program reuses the first's compilation
+  assert sum(k.startswith('[["step"') for k in ve._COMPILED) == 2
 
 
 # ---------------------------------------------------------------- sweeps
@@ -266,6 +282,26 @@ def test_vectorized_sweep_splits_incompatible_arms_and_resumes_after_a_kill(tmp_
     for key in ('best_val_accuracy', 'final_val_accuracy', 'test_accuracy'):
       assert ra[key] == pytest.approx(rb[key], abs=1e-6), key
   assert runner.execute(tasks, cut, 'local', log=quiet, vectorize=True) == []
+
+
+def test_a_failing_job_keeps_the_arms_that_ended(tmp_path, monkeypatch):
+  s = sweep_lib.parse({'arms': {'ok': {}, 'boom': {'optim.lr': 1e6}}})
+  w = str(tmp_path / 'w')
+  tasks = runner.plan(mlp(epochs=1), s.runs(), w)
+  runner.write_manifest(w, sweep_lib.manifest('experiments/test.py', None, {}, s))
+
+  def broken(*args, **kwargs):
+    raise RuntimeError('evaluation broke')
+  monkeypatch.setattr(evaluate, 'evaluate_checkpoint', broken)
+  results = runner.execute(tasks, w, 'local', log=quiet, vectorize=True)
+  assert [(r['arm'], r['status']) for r in results] == [('ok', 'failed'), ('boom', 'diverged')]
+  assert 'evaluation broke' in RunDir(tasks[0]['workdir']).read_status()['reason']
+  assert RunDir(tasks[1]['workdir']).read_status()['status'] == 'diverged'
+  monkeypatch.undo()
+  assert [t['arm'] for t in runner.pending(tasks)] == ['ok']   # a rerun retries its test
+  results = runner.execute(tasks, w, 'local', log=quiet, vectorize=True)
+  assert [(r['arm'], r['status']) for r in results] == [('ok', 'done')]
+  assert 'accuracy' in RunDir(tasks[0]['workdir']).read_status()['test']
 
 
 def test_sweep_command_dry_run_shows_the_programs(tmp_path):
