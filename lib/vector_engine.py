@@ -58,6 +58,8 @@ def arm_axis_size(n_devices: int, n_arms: int, batch: int, mode: str) -> int:
 
 
 def _stack(trees):
+  if len(trees) == 1:   # a reshape, not a copy
+    return jax.tree.map(lambda x: x[None], trees[0])
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
@@ -111,7 +113,9 @@ class VectorEngine:
       return jax.vmap(fn, in_axes=in_axes, spmd_axis_name=sharding.ARMS)
 
     def unrolled(*args):
-      outs = [fn(*[_take(a, i) if ax == 0 else a for a, ax in zip(args, in_axes)])
+      take = (lambda a, i: jax.tree.map(lambda x: x.reshape(x.shape[1:]), a)) \
+          if self.n == 1 else _take   # one arm: reshapes, the single-arm program itself
+      outs = [fn(*[take(a, i) if ax == 0 else a for a, ax in zip(args, in_axes)])
               for i in range(self.n)]
       return _stack(outs)
     return unrolled
