@@ -1,6 +1,8 @@
 """Executing a sweep's runs: here one after another, in parallel worker processes, or
 as a SLURM job array through submitit. Every run goes through `run_task`, which calls
-the same `train.train_and_evaluate` as `launch.train`.
+the same `train.train_and_evaluate` as `launch.train`; with `vectorize`, runs that share
+a program go through `run_group` together (`plan_groups`, lib/group_train.py), and a
+job is then a list of tasks.
 
 A sweep directory W holds W/sweep.json (what was launched) and one ordinary run
 directory per arm and seed, W/<arm>/seed_<k>. Rerunning skips finished and diverged
@@ -144,7 +146,7 @@ def run_group(tasks: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
   """Trains runs that share a program (lib/arms.py) together as arms of one
   compiled program (lib/group_train.py), then evaluates each arm's best
   checkpoint on the test split, as run_task does for one run. A failure fails
-  every arm of the group (recorded in each status.json); the sweep goes on."""
+  the arms that had not ended (recorded in their status.json); the sweep goes on."""
   from lib import sharding
   sharding.initialize_distributed(tasks[0].get('distributed', 'off'))
   import jax
