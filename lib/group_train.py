@@ -6,7 +6,7 @@ checkpoints, the files train_and_evaluate would leave. Its metrics equal those
 of its separate run up to float rounding: same init, data order, random
 streams and strengths (tests/test_vectorize.py). As between 1 and 4 devices,
 rounding differences can grow in long, noisy runs (dropout 0.5: 1e-3 in the
-train loss after a few epochs, either way).
+train loss within 6 epochs, either way).
 
 Checkpoints. Saving costs the same per arm however the arms are trained, so a
 group saves an arm's checkpoint only where it is needed: at a new best val
@@ -119,8 +119,12 @@ def train_group(configs: Sequence, workdirs: Sequence[str], *, logs: Optional[Se
           log(f'program {p + 1}/{len(programs)}: {len(chunk)} arms')
         if p > 0:   # the first program's engine comes compiled from the plan
           eng = ve.VectorEngine([books[i].config for i in chunk], dataset, devices, mode)
-        _train_program(eng, [books[i] for i in chunk], log, stop_after_step, resume_every_s,
-                       lambda j, status, chunk=chunk: ended.__setitem__(chunk[j], status))
+        finished: Dict[int, Dict[str, Any]] = {}
+        try:
+          _train_program(eng, [books[i] for i in chunk], log, stop_after_step, resume_every_s,
+                         finished)
+        finally:
+          ended.update({chunk[j]: status for j, status in finished.items()})
   except (Exception, KeyboardInterrupt) as e:
     for i in live:   # an arm that ended keeps its status; the others record the failure
       if i not in ended:
@@ -135,27 +139,15 @@ def _summary(values: Sequence[float], fmt: str = '.4f') -> str:
   return f'{np.mean(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})'
 
 
-class _Ended(dict):
-  """Arm -> final status; reports each one as it is set."""
-
-  def __init__(self, report):
-    super().__init__()
-    self.report = report
-
-  def __setitem__(self, i, status):
-    super().__setitem__(i, status)
-    self.report(i, status)
-
-
 def _train_program(eng: ve.VectorEngine, books: Sequence[RunBook], log, stop_after_step,
-                   resume_every_s: float, report: Callable) -> None:
-  """Trains the arms of one program; report(i, status) as each arm ends."""
+                   resume_every_s: float, finished: Dict[int, Dict[str, Any]]) -> None:
+  """Trains the arms of one program, putting each arm's final status in
+  `finished` as it ends (so a caller knows which arms ended if this raises)."""
   n, total, spe = eng.n, eng.total_steps, eng.steps_per_epoch
   abstract = eng.abstract_arm_state()
   restored = [b.restore(abstract) for b in books]
   state = eng.stack([s if s is not None else eng.init_arm(i) for i, s in enumerate(restored)])
   del restored
-  finished = _Ended(report)
   for i, b in enumerate(books):
     status = b.begin()
     if status is not None:

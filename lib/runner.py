@@ -107,6 +107,17 @@ def _arm_log(task: Dict[str, Any], primary: bool):
   return log, log_file
 
 
+def _failed(workdir: str, e: Exception, log, log_file, primary: bool) -> Dict[str, Any]:
+  """Records that a run failed with `e`: its log (with the traceback) and status.json."""
+  reason = f'{type(e).__name__}: {e}'
+  log(f'failed: {reason}')
+  if log_file:
+    log_file.write(traceback.format_exc())
+  if primary:
+    RunDir(workdir).set_status('failed', reason)
+  return {'status': 'failed', 'reason': reason}
+
+
 def run_task(task: Dict[str, Any]) -> Dict[str, Any]:
   """Trains one run of a sweep (resuming it if interrupted), then evaluates its best
   checkpoint on the test split. Never raises for a failed run: the failure is
@@ -129,13 +140,7 @@ def run_task(task: Dict[str, Any]) -> Dict[str, Any]:
   except train.Preempted as e:
     raise Killed(str(e)) from None
   except Exception as e:   # recorded, and the sweep goes on
-    reason = f'{type(e).__name__}: {e}'
-    log(f'failed: {reason}')
-    if log_file:
-      log_file.write(traceback.format_exc())
-    if primary:
-      rundir.set_status('failed', reason)
-    status = {'status': 'failed', 'reason': reason}
+    status = _failed(task['workdir'], e, log, log_file, primary)
   finally:
     if log_file:
       log_file.close()
@@ -166,31 +171,19 @@ def run_group(tasks: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
   except train.Preempted as e:
     raise Killed(str(e)) from None
   except Exception as e:   # recorded in every arm that had not ended; the sweep goes on
-    reason = f'{type(e).__name__}: {e}'
-    group_log(f'failed: {reason}')
+    group_log(f'failed: {type(e).__name__}: {e}')
     statuses = []
     for task, (log, log_file) in zip(tasks, logs):
       ended = RunDir(task['workdir']).read_status()
-      if ended.get('status') in SKIP:
-        statuses.append(ended)
-        continue
-      log(f'failed: {reason}')
-      if log_file:
-        log_file.write(traceback.format_exc())
-      if primary:
-        RunDir(task['workdir']).set_status('failed', reason)
-      statuses.append({'status': 'failed', 'reason': reason})
+      statuses.append(ended if ended.get('status') in SKIP
+                      else _failed(task['workdir'], e, log, log_file, primary))
   try:
     for i, (task, status) in enumerate(zip(tasks, statuses)):
       if status.get('status') == 'done' and 'test' not in status:
         try:
           statuses[i] = _test(RunDir(task['workdir']), evaluate, status, logs[i][0], primary)
         except Exception as e:   # as run_task: this run failed (a rerun retries its test)
-          reason = f'{type(e).__name__}: {e}'
-          logs[i][0](f'failed: {reason}')
-          if primary:
-            RunDir(task['workdir']).set_status('failed', reason)
-          statuses[i] = {'status': 'failed', 'reason': reason}
+          statuses[i] = _failed(task['workdir'], e, *logs[i], primary)
   finally:
     for _, log_file in logs:
       if log_file:

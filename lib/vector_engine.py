@@ -67,6 +67,12 @@ def _take(tree, i):
   return jax.tree.map(lambda x: x[i], tree)
 
 
+def _stacked_shapes(tree, n: int, sharding):
+  """Abstract values of `tree` (shapes) with a leading arm axis of n and `sharding`."""
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct((n,) + s.shape, s.dtype, sharding=sharding),
+                      tree)
+
+
 class VectorEngine:
   """Compiled train / eval steps of `configs` (resolved, sharing one program:
   see lib/arms.py) as arms over `devices`, with `dataset` on device."""
@@ -99,8 +105,8 @@ class VectorEngine:
     self._serialize = self.base._serialize
     self._all_active = sharding.to_global(np.ones((self.n,), bool), self.by_arm)
     self._stack = jax.jit(lambda *s: _stack(s), out_shardings=self.by_arm)
-    self._arm_state = jax.jit(lambda s, i: jax.tree.map(lambda x: x[i], s),
-                              out_shardings=self.rep)
+    self._arm_state = jax.jit(_take, out_shardings=self.rep)
+    self._active = (None, None)   # the last mask uploaded: (host values, device array)
     # Running metrics and evaluation totals are small: replicated, so every process
     # of a multi-host job can read all arms' values.
     self._zero_sums = jax.jit(lambda: _stack([steps.zero_sums()] * self.n),
@@ -135,9 +141,13 @@ class VectorEngine:
     options = models.Options.from_config(c.model, self.program.regularize)
     return self._init_fn(options)(self.base.hparams, jnp.int32(c.seed))
 
+  @functools.cached_property
+  def _arm_shapes(self):
+    return self.base.abstract_state()
+
   def abstract_arm_state(self):
     """One arm's state shapes with the replicated sharding: a restore target."""
-    return self.base.abstract_state()
+    return self._arm_shapes
 
   def stack(self, arm_states: Sequence) -> steps.TrainState:
     return self._stack(*arm_states)
@@ -186,11 +196,8 @@ class VectorEngine:
                       sort_keys=True, default=str)
 
   def _abstract_args(self):
-    by_arm = lambda s: jax.ShapeDtypeStruct((self.n,) + s.shape, s.dtype, sharding=self.by_arm)
-    state = jax.tree.map(by_arm, self.abstract_arm_state())
-    sums = jax.tree.map(lambda s: jax.ShapeDtypeStruct((self.n,) + s.shape, s.dtype,
-                                                       sharding=self.rep),
-                        jax.eval_shape(steps.zero_sums))
+    state = _stacked_shapes(self.abstract_arm_state(), self.n, self.by_arm)
+    sums = _stacked_shapes(jax.eval_shape(steps.zero_sums), self.n, self.rep)
     hp = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.by_arm),
                       self.hparams)
     images, labels = self.base.split_on_device('train')
@@ -215,7 +222,10 @@ class VectorEngine:
     masked = active is not None and not bool(np.all(active))
     args = (state, self.hparams, images, labels, epoch_indices, sums)
     if masked:
-      out = self._step(True)(*args, sharding.to_global(np.asarray(active, bool), self.by_arm))
+      if not np.array_equal(self._active[0], active):   # it changes at evaluations only
+        self._active = (np.array(active, bool), sharding.to_global(np.asarray(active, bool),
+                                                                  self.by_arm))
+      out = self._step(True)(*args, self._active[1])
     else:
       out = self._step(False)(*args, self._all_active)
     return jax.block_until_ready(out) if self._serialize else out
@@ -235,9 +245,7 @@ class VectorEngine:
       def compile_():
         fn = jax.jit(self._vectorize(self.base.eval_split_fn(tta), (0, None, None, None, None)),
                      out_shardings=self.rep)
-        state = jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct((self.n,) + s.shape, s.dtype, sharding=self.by_arm),
-            self.abstract_arm_state())
+        state = _stacked_shapes(self.abstract_arm_state(), self.n, self.by_arm)
         return fn.lower(state, *inputs).compile()
       self._evals[key] = _compiled(
           self._program_key('eval', tta, [list(x.shape) for x in inputs]), compile_)
