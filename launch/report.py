@@ -9,8 +9,8 @@ from lib import cli
 
 _METRIC = flags.DEFINE_enum('metric', None, ['best_val_accuracy', 'final_val_accuracy',
                                               'test_accuracy'],
-                            'Rank by this (default: test accuracy of the best-val checkpoint '
-                            'for ablations, best val accuracy for searches).')
+                            'Rank by this (default: best val accuracy, the selection metric; '
+                            'test_accuracy ranks on the test split, and the report warns).')
 
 
 def main(argv):

@@ -36,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.depth = -1            # -1: the model's default (see README table)
   c.model.width = -1            # -1: the model's default
   c.model.activation = 'relu'
-  c.model.norm = 'batch'        # batch | layer | group | instance | none
+  c.model.norm = 'batch'        # batch | layer (over H,W,C) | layer_channels (over C) | group | instance | none
   c.model.dtype = 'float32'     # compute dtype: float32 | bfloat16 (params stay f32)
   c.model.init = 'kaiming_normal'  # kernel init of every conv/dense layer (lib/inits.py)
   c.model.init_scale = 0.01     # normal: std; uniform: half-width; constant: value
@@ -130,8 +130,9 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   models.ACTIVATIONS.get(config.model.activation)
   if models.NORMS.get(config.model.norm).defaults.get('needs_spatial') and \
       config.model.name == 'mlp':
-    raise UserError(f'model.norm={config.model.norm} normalizes over image positions, which '
-                    'model.name=mlp does not have; use batch, layer or group')
+    raise UserError(f'model.norm={config.model.norm} normalizes '
+                    f'{models.NORMS.get(config.model.norm).defaults["doc"]}, which needs the '
+                    'image positions that model.name=mlp does not have; use batch, layer or group')
   inits.check(config.model)
   regularize.check(config.regularize)
   if not entry.defaults.get('residual'):

@@ -96,16 +96,35 @@ def _batch_norm(train, dtype, scale_init):
                       scale_init=scale_init)
 
 
-NORMS.add('none', lambda train, dtype, scale_init: (lambda x: x))
-NORMS.add('batch', _batch_norm)
-NORMS.add('layer', lambda train, dtype, scale_init: nn.LayerNorm(dtype=dtype,
-                                                                  scale_init=scale_init))
+class _LayerNorm(nn.Module):
+  """Layer norm of Ba et al. (2016) as Wu & He (2018) compare it for CNNs: each
+  example over all its non-batch axes (H, W, C of a feature map, the features of
+  a dense layer), with a per-channel scale and offset (= GroupNorm, one group)."""
+  dtype: Any = jnp.float32
+  scale_init: Any = nn.initializers.ones
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.LayerNorm(reduction_axes=tuple(range(1, x.ndim)), feature_axes=-1,
+                        dtype=self.dtype, scale_init=self.scale_init)(x)
+
+
+NORMS.add('none', lambda train, dtype, scale_init: (lambda x: x), doc='identity')
+NORMS.add('batch', _batch_norm, doc='each channel over the batch and positions')
+NORMS.add('layer', lambda train, dtype, scale_init: _LayerNorm(dtype=dtype,
+                                                                scale_init=scale_init),
+          doc='each example over all its positions and channels (H, W, C)')
+# What ConvNeXt calls LayerNorm (Flax's nn.LayerNorm on NHWC). On an MLP it would be
+# `layer` under another name, so resolve refuses it there (needs_spatial).
+NORMS.add('layer_channels', lambda train, dtype, scale_init: nn.LayerNorm(
+    dtype=dtype, scale_init=scale_init), needs_spatial=True,
+    doc='each image position over its channels')
 # Group count adapts to the width (8 groups where the width allows it).
-NORMS.add('group', lambda train, dtype, scale_init: _GroupNorm(dtype=dtype, scale_init=scale_init))
-# Instance norm: one group per channel, statistics over each image's spatial map.
+NORMS.add('group', lambda train, dtype, scale_init: _GroupNorm(dtype=dtype, scale_init=scale_init),
+          doc='each example over positions and groups of channels')
 NORMS.add('instance', lambda train, dtype, scale_init: nn.GroupNorm(
     num_groups=None, group_size=1, dtype=dtype, scale_init=scale_init),
-    needs_spatial=True)
+    needs_spatial=True, doc='each channel of each image over its positions')
 
 
 class _GroupNorm(nn.Module):

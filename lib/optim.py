@@ -2,7 +2,10 @@
 
 The update is `-lr * schedule(step) * (direction(grad) + wd * w)`:
   * direction: the optimizer's preconditioned gradient (momentum, Adam, ...);
-  * wd: decoupled weight decay (AdamW style; equals L2 for plain SGD only);
+  * wd: decoupled weight decay (AdamW style). It equals an L2 penalty lambda = wd
+    for plain SGD only: L2's gradient goes through the direction, so under
+    momentum beta it accumulates to lambda / (1 - beta) per step, and under Adam it
+    is rescaled per coordinate;
   * schedule: a multiplier with peak 1.0, so `optim.lr` is always the peak rate.
 The L2 penalty (lambda/2 * sum w^2) is a loss term, see `l2_penalty`.
 
@@ -34,13 +37,14 @@ OPTIMIZERS.add('adam', lambda c: optax.scale_by_adam(b1=c.b1, b2=c.b2, eps=c.eps
 OPTIMIZERS.add('adamw', lambda c: optax.scale_by_adam(b1=c.b1, b2=c.b2, eps=c.eps))
 
 
-# Each schedule maps (config.schedule, steps after warmup, warmup steps) to a
-# multiplier of the peak rate that starts at 1.0.
-SCHEDULES.add('constant', lambda c, n, w: optax.constant_schedule(1.0))
-SCHEDULES.add('cosine', lambda c, n, w: optax.cosine_decay_schedule(
+# Each schedule maps (config.schedule, steps after warmup, warmup steps, steps per
+# epoch) to a multiplier of the peak rate that starts at 1.0.
+SCHEDULES.add('constant', lambda c, n, w, e: optax.constant_schedule(1.0))
+SCHEDULES.add('cosine', lambda c, n, w, e: optax.cosine_decay_schedule(
     1.0, decay_steps=max(n, 1), alpha=c.final_fraction))
-SCHEDULES.add('linear', lambda c, n, w: optax.linear_schedule(1.0, c.final_fraction, max(n, 1)))
-def _step_schedule(c, n, w):
+SCHEDULES.add('linear', lambda c, n, w, e: optax.linear_schedule(1.0, c.final_fraction,
+                                                                 max(n, 1)))
+def _step_schedule(c, n, w, e):
   # Milestones are fractions of all training (warmup included); the main schedule
   # counts from the end of warmup. Milestones landing on one step compound.
   scales = {}
@@ -51,9 +55,18 @@ def _step_schedule(c, n, w):
 
 
 SCHEDULES.add('step', _step_schedule)
-# alpha_0 / sqrt(t), normalised to 1 where it starts (after warmup).
-SCHEDULES.add('inverse_sqrt', lambda c, n, w: (
-    lambda count: jnp.sqrt(max(w, 1) / (count + max(w, 1)))))
+
+
+def _inverse_sqrt_schedule(c, n, w, e):
+  # sqrt(tau / (t + tau)), t counted from the end of warmup: alpha_0 / sqrt(t) of the
+  # absolute step when tau is the warmup length. Without warmup tau is one epoch, so
+  # the rate halves over 3 epochs rather than falling to 1/sqrt(t+1) (0.05 of the
+  # peak after a CIFAR epoch, a strawman).
+  tau = float(max(w if w > 0 else e, 1))
+  return lambda count: jnp.sqrt(tau / (count + tau))
+
+
+SCHEDULES.add('inverse_sqrt', _inverse_sqrt_schedule)
 
 
 def schedule(schedule_config, total_steps: int, steps_per_epoch: int) -> Callable:
@@ -64,7 +77,8 @@ def schedule(schedule_config, total_steps: int, steps_per_epoch: int) -> Callabl
   if warmup >= total_steps and warmup > 0:
     raise UserError(f'schedule.warmup_epochs={schedule_config.warmup_epochs} is not '
                     f'shorter than training ({total_steps} steps)')
-  main = SCHEDULES.get(schedule_config.name).fn(schedule_config, total_steps - warmup, warmup)
+  main = SCHEDULES.get(schedule_config.name).fn(schedule_config, total_steps - warmup, warmup,
+                                                steps_per_epoch)
   if warmup == 0:
     return main
   return optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup), main], [warmup])

@@ -1,17 +1,27 @@
 """The ablation report of a sweep directory W.
 
   W/results.csv   one row per run: arm, seed, overrides, best / final val accuracy, test
-                  accuracy of the best checkpoint, train-val gap, steps, wall time, status
-  W/report.md     per arm: mean +- std and 95% CI over seeds; the difference to the
-                  baseline arm, paired over seeds (t-test); ranked; failures listed
-  W/curves.png    train and val accuracy per arm (mean over seeds) against epochs
+                  accuracy of the best checkpoint, train_eval - val accuracy gap at the last
+                  evaluation, steps, wall time, status
+  W/report.md     per arm: mean +- std and 95% CI over seeds of the ranking metric (best
+                  val accuracy unless asked otherwise), the test accuracy of the best-val
+                  checkpoints beside it; the difference to the baseline arm, paired over
+                  seeds (t-test, raw and Holm-adjusted p); ranked; failures listed
+  W/curves.png    train (train_eval where recorded, else running) and val accuracy per arm
+                  (mean over seeds) against epochs
   W/accuracy.png  each arm's mean with its 95% CI, and every seed
   W/search.png    searches: (log lr, log wd) or the first two searched keys, coloured by
                   val accuracy
 
 Statistics: std has ddof=1; the 95% CI is mean +- t(0.975, n-1) * std / sqrt(n); the paired
 difference uses the seeds both arms finished, and its two-sided p-value comes from the
-t distribution with n-1 degrees of freedom. With one seed there is no CI (n/a).
+t distribution with n-1 degrees of freedom. With one seed there is no CI (n/a). With
+paired differences that are all equal (no spread) the t-test is undefined: no p, and that
+arm is left out of Holm's step-down correction over the arms compared with the baseline.
+
+Ranking is by a validation metric by default, for every kind of sweep: ranking by test
+accuracy would be selection on the test split, so the test accuracy of each run's best-val
+checkpoint is reported, never ranked on, unless the caller asks (and the report warns).
 """
 import csv
 import json
@@ -63,11 +73,23 @@ def paired(a: Sequence[float], b: Sequence[float], level: float = 0.95):
     return mean, NAN, NAN, 1
   sd = float(d.std(ddof=1))
   half = t_quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
-  if sd == 0:
-    p = 1.0 if mean == 0 else 0.0
-  else:
-    p = float(2 * stats.t.sf(abs(mean / (sd / math.sqrt(n))), n - 1))
-  return mean, half, p, n
+  # Equal differences (to rounding: accuracies are ratios of counts) make the t statistic
+  # 0/0 or x/0: no p-value, rather than a p of 0 or 1.
+  if sd <= 1e-12 * max(1.0, float(np.abs(d).max())):
+    return mean, half, NAN, n
+  return mean, half, float(2 * stats.t.sf(abs(mean / (sd / math.sqrt(n))), n - 1)), n
+
+
+def holm(pvalues: Sequence[float]) -> List[float]:
+  """Holm's step-down adjustment of a family of p-values (same order); entries that are
+  not finite stay nan and are not members of the family."""
+  family = sorted((p, i) for i, p in enumerate(pvalues) if _finite(p))
+  out, running = [NAN] * len(pvalues), 0.0
+  for rank, (p, i) in enumerate(family):
+    # the k-th smallest of m is multiplied by m - k + 1, kept monotone and at most 1
+    running = max(running, min(1.0, (len(family) - rank) * p))
+    out[i] = running
+  return out
 
 
 # ---------------------------------------------------------------- results
@@ -120,7 +142,9 @@ def results(workdir: str) -> Tuple[Optional[Dict[str, Any]], List[Dict[str, Any]
         'best_val_accuracy': status.get('best_val_accuracy', NAN),
         'final_val_accuracy': status.get('final_val_accuracy', NAN),
         'test_accuracy': status.get('test', {}).get('accuracy', NAN),
-        'train_val_gap': (last['train_accuracy'] - last['val_accuracy']) if last else NAN,
+        # train_eval (a fixed training subset in eval mode) - val: n/a where not recorded
+        'train_val_gap': (last['train_eval_accuracy'] - last['val_accuracy'])
+                         if _finite(last.get('train_eval_accuracy')) else NAN,
         'best_step': best if best is not None else '', 'steps': last.get('step', ''),
         'wall_time_s': round(last['wall_time'], 1) if last else NAN,
         'reason': status.get('reason', ''), 'workdir': os.path.relpath(run['workdir'], workdir),
@@ -136,12 +160,8 @@ def _finite(x) -> bool:
 
 
 def choose_metric(manifest, rows) -> str:
-  """Ablations rank by test accuracy of each run's best-val checkpoint (when every
-  finished run has one); searches and grids by best val accuracy (selection metric)."""
-  done = [r for r in rows if r['status'] == 'done']
-  kind = (manifest or {}).get('kind', 'arms')
-  if kind == 'arms' and done and all(_finite(r['test_accuracy']) for r in done):
-    return 'test_accuracy'
+  """Every kind of sweep ranks by the selection metric, best val accuracy: the test
+  accuracy is reported beside it, and ranking by it would select on the test split."""
   return 'best_val_accuracy'
 
 
@@ -161,17 +181,24 @@ def summarize(rows: Sequence[Dict[str, Any]], metric: str,
     seeds = by_arm.get(arm, {})
     values = [seeds[s][metric] for s in sorted(seeds)]
     mean, std, half = mean_ci(values)
+    finished = [r for r in rows if r['arm'] == arm and r['status'] == 'done']
+    test_mean, test_std, _ = mean_ci([r['test_accuracy'] for r in finished
+                                      if _finite(r.get('test_accuracy'))])
     entry = {'arm': arm, 'n': len(values), 'runs': sum(count.values()), 'counts': count,
              'mean': mean, 'std': std, 'ci': half, 'values': values,
              'overrides': next((r['overrides'] for r in rows if r['arm'] == arm), ''),
              'best_val_mean': mean_ci([seeds[s]['best_val_accuracy'] for s in seeds])[0],
+             'test_mean': test_mean, 'test_std': test_std,
              'gap_mean': mean_ci([seeds[s]['train_val_gap'] for s in seeds
-                                  if _finite(seeds[s]['train_val_gap'])])[0]}
+                                  if _finite(seeds[s].get('train_val_gap'))])[0]}
     if baseline and arm != baseline:
       common = sorted(set(seeds) & set(base))
       d, dh, p, n = paired([seeds[s][metric] for s in common], [base[s][metric] for s in common])
-      entry.update(diff=d, diff_ci=dh, p=p, pairs=n)
+      entry.update(diff=d, diff_ci=dh, p=p, pairs=n, p_undefined=n >= 2 and not _finite(p))
     out.append(entry)
+  compared = [e for e in out if 'p' in e]
+  for e, adjusted in zip(compared, holm([e['p'] for e in compared])):
+    e['p_holm'] = adjusted
   out.sort(key=lambda e: (-e['mean'] if _finite(e['mean']) else math.inf, e['arm']))
   return out
 
@@ -186,18 +213,28 @@ def _f(x, digits=4, signed=False) -> str:
   return f'{x:+.{digits}f}' if signed else f'{x:.{digits}f}'
 
 
-def _p(p) -> str:
+def _p(p, undefined=False) -> str:
+  if undefined:
+    return 'undefined (no spread)'
   if not _finite(p):
     return 'n/a'
   return '<0.001' if p < 0.001 else f'{p:.3f}'
+
+
+GAP_LABEL = 'train_eval − val accuracy (last eval)'
 
 
 def table(summary: Sequence[Dict[str, Any]], metric: str, baseline: Optional[str]) -> List[str]:
   name = metric.replace('_', ' ')
   head = ['rank', 'arm', 'overrides', 'seeds', f'{name} mean ± std', '95% CI']
   if baseline:
-    head += [f'Δ vs {baseline} (paired)', '95% CI of Δ', 'p']
-  head += ['best val', 'train−val gap']
+    head += [f'Δ vs {baseline} (paired)', '95% CI of Δ', 'p', 'p (Holm)']
+  show_test = metric != 'test_accuracy' and any(_finite(e.get('test_mean')) for e in summary)
+  if show_test:
+    head += ['test accuracy of best-val ckpt, mean ± std']
+  if metric != 'best_val_accuracy':
+    head += ['best val']
+  head += [GAP_LABEL]
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join(
       ' ---: ' if h not in ('arm', 'overrides') else ' --- ' for h in head) + '|']
   for i, e in enumerate(summary, 1):
@@ -208,13 +245,19 @@ def table(summary: Sequence[Dict[str, Any]], metric: str, baseline: Optional[str
              f'{e["n"]}/{e["runs"]}', f'{_f(e["mean"])} ± {_f(e["std"])}', ci]
     if baseline:
       if e['arm'] == baseline:
-        cells += ['baseline', '', '']
+        cells += ['baseline', '', '', '']
       else:
         dci = (f'[{_f(e["diff"] - e["diff_ci"], signed=True)}, '
                f'{_f(e["diff"] + e["diff_ci"], signed=True)}]' if _finite(e.get('diff_ci'))
                else 'n/a')
-        cells += [_f(e.get('diff'), signed=True), dci, _p(e.get('p'))]
-    cells += [_f(e['best_val_mean']), _f(e['gap_mean'], signed=True)]
+        undefined = e.get('p_undefined', False)
+        cells += [_f(e.get('diff'), signed=True), dci, _p(e.get('p'), undefined),
+                  _p(e.get('p_holm'), undefined)]
+    if show_test:
+      cells += [f'{_f(e["test_mean"])} ± {_f(e["test_std"])}']
+    if metric != 'best_val_accuracy':
+      cells += [_f(e['best_val_mean'])]
+    cells += [_f(e['gap_mean'], signed=True)]
     lines.append('| ' + ' | '.join(cells) + ' |')
   return lines
 
@@ -253,13 +296,8 @@ def write(workdir: str, metric: Optional[str] = None) -> Dict[str, Any]:
            (f', command-line overrides `{manifest["overrides"]}`' if manifest['overrides'] else '')
            + '.', '']
   done = sum(r['status'] == 'done' for r in rows)
-  md += [f'Budget: {_budget(rows)}. Runs: {done} of {len(rows)} done.', '',
-         f'Ranked by **{metric.replace("_", " ")}** (mean over seeds' +
-         ('; test accuracy of each run\'s best-val checkpoint' if metric == 'test_accuracy'
-          else '') + '). 95% CIs use the t distribution; Δ is paired by seed against the '
-         'baseline; the train−val gap is at the last evaluation (train accuracy is the running '
-         'mean over that epoch, with augmentation and regularization on).', '']
-  md += lines + ['']
+  md += [f'Budget: {_budget(rows)}. Runs: {done} of {len(rows)} done.', '']
+  md += explanation(metric, baseline, summary) + lines + ['']
   bad = [r for r in rows if r['status'] not in ('done',)]
   if bad:
     md += ['Not finished:', ''] + [f'- `{r["workdir"]}`: {r["status"]}'
@@ -271,7 +309,46 @@ def write(workdir: str, metric: Optional[str] = None) -> Dict[str, Any]:
   md += [f'![{name}]({name})' for name in plots]
   with open(os.path.join(workdir, 'report.md'), 'w') as f:
     f.write('\n'.join(md) + '\n')
-  return {'metric': metric, 'summary': summary, 'lines': lines, 'plots': plots, 'rows': rows}
+  return {'metric': metric, 'summary': summary, 'lines': lines, 'plots': plots, 'rows': rows,
+          'warning': test_split_warning(metric)}
+
+
+def test_split_warning(metric: str) -> str:
+  """The warning a test-accuracy ranking carries ('' for any other metric)."""
+  if metric != 'test_accuracy':
+    return ''
+  return ('**Warning: ranked by test accuracy** (--metric=test_accuracy). Ranking arms by '
+          'test accuracy is selection on the test split: the top arm\'s test accuracy is '
+          'then an optimistic estimate, and the test split no longer measures generalization. '
+          'Rank by best val accuracy (the default) to choose, and read test accuracy only '
+          'as a report.')
+
+
+def explanation(metric: str, baseline: Optional[str], summary) -> List[str]:
+  """The paragraphs above the table in report.md: what the ranking and columns mean."""
+  name = metric.replace('_', ' ')
+  why = {'best_val_accuracy': 'the selection metric, the same one that chose each run\'s '
+                              'checkpoint',
+         'final_val_accuracy': 'val accuracy at the last evaluation',
+         'test_accuracy': 'test accuracy of each run\'s best-val checkpoint'}[metric]
+  text = (f'Ranked by **{name}** ({why}; mean over seeds). 95% CIs use the t distribution.')
+  if metric != 'test_accuracy':
+    text += (' The test accuracy of each run\'s best-val checkpoint is reported beside it '
+             '(mean ± std over seeds), not ranked on: ranking by it would be selection on '
+             'the test split.')
+  if baseline:
+    m = sum(_finite(e.get('p_holm')) for e in summary)
+    text += (f' Δ is the difference in {name} to the baseline, paired by seed, with the '
+             'two-sided paired t-test p; `p (Holm)` is that p after Holm\'s step-down '
+             f'correction for comparing several arms with one baseline ({m} in the family '
+             'here; with one comparison it equals p). An arm whose paired differences are all '
+             'equal has no spread, so its t-test is undefined: its p reads '
+             '`undefined (no spread)` and it is left out of the Holm family.')
+  text += (f' The gap column is {GAP_LABEL}: train_eval_accuracy (a fixed training subset '
+           'evaluated like val, in eval mode without augmentation) minus val accuracy, at the '
+           'last evaluation; n/a for runs that did not record train_eval_accuracy.')
+  warning = test_split_warning(metric)
+  return ([warning, ''] if warning else []) + [text, '']
 
 
 def _write_csv(path: str, rows, keys) -> None:
@@ -293,6 +370,17 @@ def read_csv(path: str) -> List[Dict[str, str]]:
     return list(csv.DictReader(f))
 
 
+def _train_curve(curves) -> Tuple[str, str]:
+  """(metrics key, title) of the train-accuracy panel: train_eval_accuracy where every
+  plotted evaluation has it, else the running mean (train_accuracy in older runs)."""
+  records = [row for c in curves for row in c]
+  if records and all(_finite(row.get('train_eval_accuracy')) for row in records):
+    return 'train_eval_accuracy', 'train accuracy (fixed train subset, eval mode)'
+  if records and all('running_train_accuracy' in row for row in records):
+    return 'running_train_accuracy', 'train accuracy (running mean, augmented)'
+  return 'train_accuracy', 'train accuracy (running mean, augmented)'
+
+
 def _plots(workdir, rows, summary, metric, manifest) -> List[str]:
   import matplotlib
   matplotlib.use('Agg')
@@ -300,15 +388,17 @@ def _plots(workdir, rows, summary, metric, manifest) -> List[str]:
   names = []
   ranked = [e['arm'] for e in summary if e['n']][:10]   # the top ten arms, for legibility
   if ranked:
+    plotted = [r['_curve'] for r in rows if r['arm'] in ranked and r['status'] == 'done']
+    train_key, train_title = _train_curve(plotted)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for arm in ranked:
       curves = [r['_curve'] for r in rows if r['arm'] == arm and r['status'] == 'done']
       n = min(len(c) for c in curves)
       epochs = [row['epoch'] for row in curves[0][:n]]
-      for ax, key in zip(axes, ('train_accuracy', 'val_accuracy')):
-        y = np.mean([[row[key] for row in c[:n]] for c in curves], axis=0)
+      for ax, key in zip(axes, (train_key, 'val_accuracy')):
+        y = np.mean([[row.get(key, NAN) for row in c[:n]] for c in curves], axis=0)
         ax.plot(epochs, y, label=arm)
-    for ax, title in zip(axes, ('train accuracy (running mean)', 'val accuracy')):
+    for ax, title in zip(axes, (train_title, 'val accuracy')):
       ax.set_title(title)
       ax.set_xlabel('epoch')
       ax.grid(alpha=0.3)
@@ -366,6 +456,8 @@ def _plots(workdir, rows, summary, metric, manifest) -> List[str]:
 def write_and_print(workdir: str, metric: Optional[str] = None, log=print) -> Dict[str, Any]:
   out = write(workdir, metric)
   log('')
+  if out['warning']:
+    log(out['warning'].replace('**', ''))
   for line in out['lines']:
     log(line)
   log(f'\nwrote {os.path.join(workdir, "results.csv")}, {os.path.join(workdir, "report.md")}'

@@ -1,3 +1,4 @@
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,11 +51,12 @@ def test_resnet_cifar_depth_and_width_are_configurable():
     build('resnet20', depth=32)
 
 
-@pytest.mark.parametrize('norm', ['batch', 'layer', 'group', 'instance', 'none'])
+@pytest.mark.parametrize('norm', ['batch', 'layer', 'layer_channels', 'group', 'instance',
+                                  'none'])
 @pytest.mark.parametrize('name', ['mlp', 'cnn', 'resnet20'])
 def test_every_model_runs_with_every_norm(name, norm):
-  if name == 'mlp' and norm == 'instance':
-    with pytest.raises(UserError, match='instance'):
+  if name == 'mlp' and norm in ('instance', 'layer_channels'):
+    with pytest.raises(UserError, match=f'model.norm={norm} .*mlp'):
       build(name, norm=norm)
     return
   m = build(name, norm=norm, activation='gelu')
@@ -63,6 +65,38 @@ def test_every_model_runs_with_every_norm(name, norm):
   out, _ = m.apply(v, x, train=True, mutable=['batch_stats'])
   assert out.shape == (2, 10) and out.dtype == jnp.float32
   assert ('batch_stats' in v) == (norm == 'batch')
+
+
+def _normalize(norm, x):
+  layer = models.NORMS.get(norm).fn(False, jnp.float32, nn.initializers.ones)
+  return np.asarray(layer.apply(layer.init(jax.random.PRNGKey(0), x), x))
+
+
+def test_layer_norm_normalizes_each_example_over_positions_and_channels():
+  # A feature map whose channels and positions have their own offsets, as after a conv.
+  k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(0), 4)
+  offsets = (3.0 * jax.random.normal(k1, (1, 1, 1, 16))
+             + 2.0 * jax.random.normal(k2, (1, 6, 6, 1)))
+  spreads = jnp.exp(jax.random.normal(k3, (1, 1, 1, 16)))
+  x = offsets + spreads * jax.random.normal(k4, (4, 6, 6, 16))
+  y = _normalize('layer', x)
+  np.testing.assert_allclose(y.mean(axis=(1, 2, 3)), 0, atol=1e-4)
+  np.testing.assert_allclose(y.var(axis=(1, 2, 3)), 1, atol=1e-3)
+  # One mean per example: positions are not centred over their channels, and the
+  # channels keep their relative offsets.
+  assert np.abs(y.mean(axis=-1)).max() > 0.5
+  assert np.abs(y.mean(axis=(0, 1, 2))).max() > 0.5
+  # Its parameters are per channel, as in GroupNorm with one group.
+  layer = models.NORMS.get('layer').fn(False, jnp.float32, nn.initializers.ones)
+  params = jax.tree.leaves(layer.init(jax.random.PRNGKey(0), x)['params'])
+  assert [p.shape for p in params] == [(16,), (16,)]
+  # layer_channels (ConvNeXt's LayerNorm) normalizes each position over its channels.
+  y = _normalize('layer_channels', x)
+  np.testing.assert_allclose(y.mean(axis=-1), 0, atol=1e-4)
+  np.testing.assert_allclose(y.var(axis=-1), 1, atol=1e-3)
+  # On dense features both are the usual layer norm over the features.
+  h = x.reshape(4, -1)
+  np.testing.assert_allclose(_normalize('layer', h), _normalize('layer_channels', h), atol=1e-5)
 
 
 def test_batchnorm_uses_running_averages_at_eval():

@@ -43,6 +43,10 @@ def test_schedules_follow_their_formulas():
                      100, 10)
   # alpha_0 / sqrt(t) after a 10-step warmup: sqrt(10 / t) at absolute step t.
   assert [float(f(s)) for s in (10, 40, 90)] == pytest.approx([1, 0.5, 1 / 3])
+  # Without warmup its time scale is one epoch (10 steps): 1/sqrt(2) after one epoch,
+  # not 1/sqrt(11).
+  f = optim.schedule(config(schedule__name='inverse_sqrt').schedule, 100, 10)
+  assert [float(f(s)) for s in (0, 10, 30)] == pytest.approx([1, 2 ** -0.5, 0.5])
 
 
 def test_decoupled_weight_decay_shrinks_kernels_by_lr_times_wd():
@@ -120,3 +124,56 @@ def test_bad_optimizer_config_fails_clearly():
     optim.make(config(optim__name='lion'), 10, 10)
   with pytest.raises(UserError, match='optim.lr'):
     optim.hparams(config(optim__lr=0.0))
+
+
+def _decay_alone(l2, weight_decay, steps=500):
+  # A weight whose only gradient is the L2 term, through lib/optim.py's real chain
+  # (momentum 0.9, constant lr 0.1): what is left of it after `steps` steps.
+  c = config(optim__name='momentum', optim__momentum=0.9, schedule__name='constant')
+  build, _ = optim.make(c, steps, 10)
+  hp = {'lr': jnp.float32(0.1), 'weight_decay': jnp.float32(weight_decay),
+        'l2': jnp.float32(l2)}
+  tx = build(hp)
+  mask = optim.decay_mask({'kernel': 0})
+
+  def step(_, carry):
+    p, state = carry
+    grads = jax.grad(lambda q: hp['l2'] * optim.l2_penalty(q, mask))(p)
+    updates, state = tx.update(grads, state, p)
+    return optax.apply_updates(p, updates), state
+
+  p = {'kernel': jnp.ones(())}
+  p, _ = jax.lax.fori_loop(0, steps, step, (p, tx.init(p)))
+  return float(p['kernel'])
+
+
+def test_decoupled_decay_matches_l2_under_momentum_at_lambda_over_one_minus_beta():
+  l2 = _decay_alone(l2=5e-4, weight_decay=0.0)
+  matched = _decay_alone(l2=0.0, weight_decay=5e-4 / (1 - 0.9))
+  one_to_one = _decay_alone(l2=0.0, weight_decay=5e-4)
+  assert l2 == pytest.approx(0.781, abs=0.005)
+  assert matched == pytest.approx(0.779, abs=0.005)
+  assert matched == pytest.approx(l2, abs=0.01)
+  # The same value is about ten times weaker decoupled: 1:1 is not a fair comparison.
+  assert one_to_one == pytest.approx(0.975, abs=0.002)
+
+
+@pytest.mark.parametrize('arg', [None, 'local'])
+def test_weight_decay_experiment_compares_matched_strengths(arg):
+  from experiments import weight_decay
+  c = weight_decay.get_config(arg)
+  arms = weight_decay.get_sweep(arg)['arms']
+  assert arms == weight_decay.get_sweep(arg)['arms']   # pure: the same arms every call
+  beta, lrs = c.optim.momentum, {'momentum': c.optim.lr, 'adam': weight_decay.ADAM_LR}
+  pairs = [(name, name.replace('_decoupled_', '_l2_')) for name in arms if '_decoupled_' in name]
+  assert len({arms[l2]['regularize.l2'] for _, l2 in pairs}) >= 2
+  for decoupled, l2 in pairs:
+    opt = arms[decoupled]['optim.name']
+    assert arms[l2]['optim.name'] == opt and arms[decoupled]['optim.lr'] == lrs[opt]
+    lam, wd = arms[l2]['regularize.l2'], arms[decoupled]['optim.weight_decay']
+    if opt == 'momentum':
+      assert wd == pytest.approx(lam / (1 - beta))
+    else:   # Adam: the momentum partner's shrink per step, lr * wd
+      partner = arms[decoupled.replace('adam_', 'momentum_')]
+      assert lrs['adam'] * wd == pytest.approx(lrs['momentum'] * partner['optim.weight_decay'])
+  assert {arms[d]['optim.name'] for d, _ in pairs} == {'momentum', 'adam'}

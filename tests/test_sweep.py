@@ -146,6 +146,8 @@ def test_statistics_equal_a_hand_computation():
   assert dh == pytest.approx(4.302652729911275 * 0.01 / math.sqrt(3), rel=1e-6)
   assert p == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-6)
   assert math.isnan(report.mean_ci([0.5])[2]) and math.isnan(report.paired([1.], [0.])[2])
+  # Differences without spread: no t-test, so no p (never 0).
+  assert math.isnan(report.paired([0.51, 0.61], [0.5, 0.6])[2])
 
 
 def test_summary_ranks_arms_and_pairs_by_seed():
@@ -155,15 +157,19 @@ def test_summary_ranks_arms_and_pairs_by_seed():
   rows = [row('base', 0, 0.50), row('base', 1, 0.60), row('base', 2, 0.70),
           row('up', 0, 0.52), row('up', 1, 0.63), row('up', 2, 0.71),
           row('down', 0, 0.40), row('down', 1, 0.45), row('down', 2, float('nan'), 'diverged')]
-  s = report.summarize(rows, 'test_accuracy', 'base')
+  metric = report.choose_metric({'kind': 'arms'}, rows)
+  assert metric == 'best_val_accuracy'
+  s = report.summarize(rows, metric, 'base')
   assert [e['arm'] for e in s] == ['up', 'base', 'down']
   up, base, down = s
   assert up['diff'] == pytest.approx(0.02) and up['pairs'] == 3
   assert down['n'] == 1 + 1 and down['runs'] == 3 and down['pairs'] == 2
   assert down['diff'] == pytest.approx(((0.40 - 0.50) + (0.45 - 0.60)) / 2)
   assert 'diff' not in base
-  lines = report.table(s, 'test_accuracy', 'base')
+  assert up['test_mean'] == pytest.approx(0.62)
+  lines = report.table(s, metric, 'base')
   assert '| 1 | up |' in lines[2] and '+0.0200' in lines[2] and '| 2 | **base** |' in lines[3]
+  assert '0.6200 ± 0.0954' in lines[2]   # test accuracy, reported beside the ranking
 
 
 # ---------------------------------------------------------------- running
@@ -179,7 +185,8 @@ def write_sweep(workdir, s):
   runner.write_manifest(workdir, sweep_lib.manifest('experiments/test.py', None, {}, s))
 
 
-DETERMINISTIC = ('step', 'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy')
+DETERMINISTIC = ('step', 'running_train_loss', 'running_train_accuracy', 'train_eval_accuracy',
+                 'val_loss', 'val_accuracy')
 
 
 @pytest.fixture(scope='module')
@@ -315,6 +322,8 @@ def test_sweep_command_runs_the_quickstart_ablation_and_reports(tmp_path):
                '--seeds=2', '--config.train.epochs=2', '--config.model.width=64')
   assert out.returncode == 0, out.stderr[-2000:]
   assert '| rank | arm |' in out.stdout and 'Δ vs no_dropout' in out.stdout
+  assert '| best val accuracy mean ± std |' in out.stdout and '| p (Holm) |' in out.stdout
+  assert 'test accuracy of best-val ckpt' in out.stdout
   rows = report.read_csv(os.path.join(w, 'results.csv'))
   assert len(rows) == 6 and {r['status'] for r in rows} == {'done'}
   assert json.load(open(os.path.join(w, 'no_dropout', 'seed_1', 'config.json')))['train'][
