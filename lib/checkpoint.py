@@ -1,18 +1,54 @@
-"""Orbax checkpoints of a run: the latest (to resume) and the best by val_accuracy.
+"""Orbax checkpoints of a run: the two latest (to resume) and the best by val_accuracy.
 
 Each checkpoint holds the train state (StandardSave) and a small JSON `meta`
 (epoch, wall time, the normalization statistics of the training split and the
 data shape) so that evaluation needs nothing but the workdir.
+
+Saving is asynchronous: `save` returns once Orbax has copied the state from the
+devices to host memory (so the train step may donate those buffers right away)
+and the files are written by a background thread while training goes on. Orbax
+waits for that write before starting the next save; `wait()` (called before
+anything reads the checkpoints, and at the end of a run) waits for it too. An
+interrupted write leaves only a temporary directory, removed at the next start.
+
+Two latest are kept so that an unreadable latest checkpoint (a truncated file,
+a bad disk block) costs one evaluation interval, not the run: `restore_latest`
+moves it to W/archive/ (never deletes it) and restores the one before.
 """
 import os
-from typing import Any, Dict, Optional, Tuple
+import shutil
+import sys
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from lib import faults
 from lib.errors import UserError
+from lib.rundir import timestamp
 
 BEST_METRIC = 'val_accuracy'
+KEEP_LATEST = 2
+
+
+class NoValidCheckpoint(UserError):
+  """Every checkpoint of a run failed to restore (each was archived)."""
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """After a failed restore, tensorstore's reads still in flight report to the asyncio
+  loop Orbax has closed; Python prints each as an unraisable 'Event loop is closed'.
+  Those (and only those) are dropped: the failure itself is reported once."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'quiet_closed_loop', False):
+    return
+
+  def hook(unraisable):
+    if not (unraisable.exc_type is RuntimeError and 'Event loop is closed' in
+            str(unraisable.exc_value)):
+      previous(unraisable)
+  hook.quiet_closed_loop = True
+  sys.unraisablehook = hook
 
 
 def _best_metric(metrics):
@@ -21,26 +57,35 @@ def _best_metric(metrics):
 
 class Checkpoints:
 
-  def __init__(self, directory: str, read_only: bool = False):
+  def __init__(self, directory: str, read_only: bool = False, asynchronous: bool = True):
+    """`asynchronous=False` writes each checkpoint before `save` returns (only
+    launch.benchmark uses it, to measure what the asynchronous save saves)."""
     self.directory = os.path.abspath(directory)
+    self.read_only, self.asynchronous = read_only, asynchronous
     if read_only and not os.path.isdir(self.directory):
       raise UserError(f'no checkpoints in {directory}: the run saved none yet')
+    self.manager = self._open()
+
+  def _open(self):
     policy = pp.AnyPreservationPolicy([
-        pp.LatestN(n=1),
+        pp.LatestN(n=KEEP_LATEST),
         pp.BestN(get_metric_fn=_best_metric, reverse=False, n=1),
     ])
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, best_fn=_best_metric, best_mode='max',
-        create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only,
-        # Synchronous: the train step donates the state buffers right after a save,
-        # and an async save may still be reading them. Saves happen once per eval.
-        enable_async_checkpointing=False)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=('state', 'meta'))
+        create=not self.read_only, read_only=self.read_only,
+        cleanup_tmp_directories=not self.read_only,
+        enable_async_checkpointing=self.asynchronous and not self.read_only)
+    return ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
 
   def save(self, step: int, state, meta: Dict[str, Any], metrics: Dict[str, float]) -> None:
+    """Starts saving `state` at `step`; returns once it is copied off the devices."""
+    fault = faults.due('checkpoint_save')   # lib/faults.py: a full disk, or a kill mid-write
+    if fault == 'enospc':
+      faults.perform(fault, self.directory)
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), metrics=metrics)
+    faults.perform(fault, self.directory)   # kill: while the background write is under way
 
   def steps(self):
     return sorted(self.manager.all_steps())
@@ -68,15 +113,45 @@ class Checkpoints:
     return step
 
   def restore(self, step: int, abstract_state) -> Tuple[Any, Dict[str, Any]]:
+    self.wait()
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return out['state'], out['meta']
 
+  def restore_latest(self, abstract_state, archive_dir: str, log: Callable[[str], None],
+                     primary: bool = True) -> Optional[Tuple[int, Any, Dict[str, Any]]]:
+    """(step, state, meta) of the latest checkpoint that restores, or None if the run
+    has none. Each one that fails to restore is moved to `archive_dir` (by the
+    primary process) and the one before is tried; NoValidCheckpoint if none is left."""
+    bad = []
+    _quiet_closed_loop_callbacks()
+    for step in reversed(self.steps()):
+      try:
+        state, meta = self.restore(step, abstract_state)
+        return step, state, meta
+      except Exception as e:   # noqa: BLE001 - any failure to read is a bad checkpoint
+        reason = f'{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ""}'
+        dest = os.path.join(archive_dir, f'checkpoint-{step}-{timestamp()}')
+        if primary:
+          os.makedirs(archive_dir, exist_ok=True)
+          shutil.move(os.path.join(self.directory, str(step)), dest)
+        log(f'warning: checkpoint at step {step} does not restore ({reason[:200]}); moved it '
+            f'to {dest} and trying the one before')
+        bad.append(dest)
+        self.manager.reload()
+    if bad:
+      raise NoValidCheckpoint(
+          f'no checkpoint of {os.path.dirname(self.directory)} restores: all {len(bad)} moved to '
+          f'{archive_dir}; rerun with --fresh to start over (the run is archived, not deleted)')
+    return None
+
   def restore_meta(self, step: int) -> Dict[str, Any]:
     """Only the JSON meta (data shape, normalization statistics), not the state."""
+    self.wait()
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
   def wait(self) -> None:
+    """Waits for a save in progress to be written (a no-op when none is)."""
     self.manager.wait_until_finished()
 
   def close(self) -> None:

@@ -3,7 +3,7 @@ import sys
 
 from absl import app, flags, logging
 
-from lib.errors import UserError
+from lib.errors import WRITE_ERRNOS, UserError, failure_reason
 
 
 def _one_line(e: Exception) -> str:
@@ -48,4 +48,8 @@ def run(main) -> None:
       return main(argv)
     except UserError as e:
       sys.exit(f'error: {e}')
+    except OSError as e:   # a full disk, a read-only or forbidden directory: one line
+      if e.errno not in WRITE_ERRNOS:
+        raise
+      sys.exit(f'error: {failure_reason(e)}')
   app.run(guarded, flags_parser=_parse)

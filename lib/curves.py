@@ -1,8 +1,11 @@
 """Reading learning curves: step 6 of the tuning recipe (domain.md section 1).
 
-`diagnose(rows)` takes a run's metrics.jsonl rows (step, epoch, train_loss,
-train_accuracy, val_loss, val_accuracy, lr) and names what a practitioner would
-say about them, each with its evidence:
+`diagnose(rows)` takes a run's metrics.jsonl rows (step, epoch, the train figures,
+val_loss, val_accuracy, lr) and names what a practitioner would say about them, each
+with its evidence. The train figures are those of the fixed training subset
+evaluated like val (train_eval_loss / train_eval_accuracy), so that the train-val
+gap is not blurred by augmentation, dropout or mixup; runs written before those
+existed fall back to the running means (running_train_*, or train_* in old files):
 
   bad_init            loss flat at first, then a sudden drop
   plateau             loss fell, then flat at a constant rate: try a learning-rate decay
@@ -33,12 +36,22 @@ def _series(rows, key):
   return np.asarray([float(r[key]) for r in rows], np.float64)
 
 
+def train_key(rows, what: str) -> str:
+  """The key of the train `what` ('loss' or 'accuracy') that every row has: the
+  train_eval figure if there is one, else the running mean (old files: train_*)."""
+  for key in (f'train_eval_{what}', f'running_train_{what}', f'train_{what}'):
+    if rows and all(key in r for r in rows):
+      return key
+  raise KeyError(f'no train {what} in the metrics rows')
+
+
 def diagnose(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, str]]:
   """[{'finding', 'evidence', 'advice'}] for one run's evaluations, in FINDINGS order."""
   n = len(rows)
   if n < 4:
     return []
-  ep, tl, ta = _series(rows, 'epoch'), _series(rows, 'train_loss'), _series(rows, 'train_accuracy')
+  ep = _series(rows, 'epoch')
+  tl, ta = _series(rows, train_key(rows, 'loss')), _series(rows, train_key(rows, 'accuracy'))
   vl, va, lr = _series(rows, 'val_loss'), _series(rows, 'val_accuracy'), _series(rows, 'lr')
   if not (np.all(np.isfinite(tl)) and np.all(np.isfinite(va))):
     return []
@@ -141,10 +154,11 @@ def plot(path: str, runs: Dict[str, Sequence[Dict[str, Any]]],
   for (a, b), name in zip(axes, names):
     rows = runs[name]
     ep = [r['epoch'] for r in rows]
-    a.plot(ep, [r['train_loss'] for r in rows], label='train')
+    label = 'train' if train_key(rows, 'loss').startswith('train_eval') else 'train (running)'
+    a.plot(ep, [r[train_key(rows, 'loss')] for r in rows], label=label)
     a.plot(ep, [r['val_loss'] for r in rows], label='val')
     a.set_ylabel('loss')
-    b.plot(ep, [r['train_accuracy'] for r in rows], label='train')
+    b.plot(ep, [r[train_key(rows, 'accuracy')] for r in rows], label=label)
     b.plot(ep, [r['val_accuracy'] for r in rows], label='val')
     b.set_ylabel('accuracy')
     title = ', '.join(f['finding'] for f in findings[name]) or 'no problem found'

@@ -32,6 +32,13 @@ class Dataset:
   def image_shape(self):
     return tuple(self.train[0].shape[1:])
 
+  def train_eval_indices(self) -> np.ndarray:
+    """A fixed subset of the training split, as many images as val: evaluated like
+    val at every evaluation (train_eval_* metrics), for a train-val gap measured
+    without augmentation or regularization. The same for every run of this data."""
+    n, k = len(self.train[1]), len(self.val[1])
+    return np.sort(np.random.RandomState(0).permutation(n)[:min(k, n)]).astype(np.int32)
+
   def split(self, name: str) -> Split:
     if name not in ('train', 'val', 'test'):
       raise UserError(f'unknown split {name!r}; valid: train, val, test')
@@ -51,13 +58,27 @@ def _check(images, labels, where):
   return images, labels.astype(np.int32)
 
 
+def _digits_arrays():
+  """(images (1797, 8, 8) in 0..16, labels) of scikit-learn's bundled digits, read from
+  the CSV the package ships (importing sklearn.datasets costs a second per process);
+  load_digits where that file is not found."""
+  import importlib.util
+  spec = importlib.util.find_spec('sklearn')
+  for base in (spec.submodule_search_locations or []) if spec else []:
+    path = os.path.join(base, 'datasets', 'data', 'digits.csv.gz')
+    if os.path.exists(path):
+      table = np.loadtxt(path, delimiter=',')
+      return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int32)
+  from sklearn.datasets import load_digits
+  d = load_digits()
+  return d.images, d.target.astype(np.int32)
+
+
 @SOURCES.register('digits')
 def _digits(data_config):
   """scikit-learn's bundled 8x8 digits; a fixed 360-image test split."""
-  from sklearn.datasets import load_digits
-  d = load_digits()
-  images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-  labels = d.target.astype(np.int32)
+  pixels, labels = _digits_arrays()
+  images = np.round(pixels * (255.0 / 16.0)).astype(np.uint8)[..., None]
   perm = np.random.RandomState(1234).permutation(len(labels))
   test, train = np.sort(perm[:360]), np.sort(perm[360:])
   return (images[train], labels[train]), (images[test], labels[test]), 10

@@ -3,7 +3,6 @@
 Shared by the training loop, launch.eval and launch.benchmark, so all three
 run exactly the same compiled code.
 """
-import functools
 from typing import Dict, Optional
 
 import jax
@@ -12,6 +11,10 @@ import numpy as np
 
 from lib import models, optim, sharding, steps
 from lib.errors import UserError
+
+# The evaluation split of a fixed training subset (Dataset.train_eval_indices): the
+# training images on device, gathered by those indices.
+TRAIN_EVAL = 'train_eval'
 
 
 def epoch_permutation(seed: int, epoch: int, n: int, steps_per_epoch: int, batch_size: int):
@@ -52,8 +55,11 @@ class Engine:
     self.total_steps = config.train.epochs * self.steps_per_epoch
     self.tx_build, self.lr_multiplier = optim.make(config, self.total_steps, self.steps_per_epoch)
     self.hparams = {k: sharding.to_global(v, self.rep) for k, v in steps.hparams(config).items()}
+    # Per-engine caches (never functools.lru_cache on a method: its cache would keep
+    # every engine alive, with its data on device and its compiled programs).
     self._on_device: Dict[str, tuple] = {}
     self._eval_batches: Dict[str, tuple] = {}
+    self._eval_programs: Dict[str, object] = {}
     train_step = steps.make_train_step(self.model, self.tx_build, config, mesh, self.mean,
                                        self.std, dataset.num_classes, self.steps_per_epoch)
     self._train_step = jax.jit(train_step, donate_argnums=(0, 5))
@@ -128,7 +134,6 @@ class Engine:
     values = jax.device_get(fn(state, images))
     return list(zip(names, values))
 
-  @functools.lru_cache(maxsize=None)
   def _eval_split(self, tta: str):
     """One compiled program for a whole split: a scan over fixed padded batches.
 
@@ -136,7 +141,9 @@ class Engine:
     multi-device CPU runs safe: independent launches that each hold collectives
     can deadlock XLA:CPU's shared thread pool.
     """
-    return jax.jit(self.eval_split_fn(tta))
+    if tta not in self._eval_programs:
+      self._eval_programs[tta] = jax.jit(self.eval_split_fn(tta))
+    return self._eval_programs[tta]
 
   def eval_split_fn(self, tta: str):
     """run(state, images, labels, idx, mask) -> sums of loss, correct, count (not jitted)."""
@@ -166,13 +173,16 @@ class Engine:
 
   def eval_inputs(self, split: str):
     """(images, labels, idx, mask) of a split: its images on device and its fixed
-    padded batches, uploaded once."""
-    images, labels = self.split_on_device(split)
+    padded batches, uploaded once. TRAIN_EVAL gathers its subset from the training
+    images already on device."""
+    images, labels = self.split_on_device('train' if split == TRAIN_EVAL else split)
     if split not in self._eval_batches:
-      n = int(labels.shape[0])
+      members = (self.dataset.train_eval_indices() if split == TRAIN_EVAL
+                 else np.arange(int(labels.shape[0]), dtype=np.int32))
+      n = len(members)
       padded = np.arange(-(-n // self.eval_batch) * self.eval_batch).reshape(-1, self.eval_batch)
       mask = padded < n
-      idx = np.where(mask, padded, 0).astype(np.int32)
+      idx = np.where(mask, members[np.minimum(padded, n - 1)], 0).astype(np.int32)
       rows = sharding.sharded_along(self.mesh, 2, axis=1)
       self._eval_batches[split] = (sharding.to_global(idx, rows), sharding.to_global(mask, rows))
     return (images, labels) + self._eval_batches[split]

@@ -35,7 +35,9 @@ from jax.experimental import multihost_utils
 
 from lib import arms as arms_lib
 from lib import data, engine, sharding
+from lib import lock as lock_lib
 from lib import vector_engine as ve
+from lib.checkpoint import NoValidCheckpoint
 from lib.errors import UserError
 from lib.metrics import echo, format_duration, progress_line
 from lib.runbook import RunBook
@@ -106,10 +108,17 @@ def train_group(configs: Sequence, workdirs: Sequence[str], *, logs: Optional[Se
   sharding.check_batch(batch, sharding.make_arm_mesh(devices, ve.arm_axis_size(
       len(devices), n, batch, ve.resolve_mode(mode, first, devices[0].platform, n))))
 
-  results: List[Optional[Dict[str, Any]]] = [b.open(total) for b in books]
-  live = [i for i in range(n) if results[i] is None]
+  results: List[Optional[Dict[str, Any]]] = []
   ended: Dict[int, Dict[str, Any]] = {}   # arm -> final status, as soon as it has one
+  live: List[int] = []
   try:
+    for b in books:
+      try:
+        results.append(b.open(total))   # takes each arm's lock
+      except lock_lib.LockHeld as e:    # trained elsewhere: not this group's to touch
+        b.log(f'skipped: {e}')
+        results.append({'status': 'held', 'reason': str(e)})
+    live = [i for i in range(n) if results[i] is None]
     if live:
       programs, eng = plan_programs([books[i].config for i in live], dataset, devices, mode,
                                     max_arms, memory_budget, log)
@@ -130,6 +139,9 @@ def train_group(configs: Sequence, workdirs: Sequence[str], *, logs: Optional[Se
       if i not in ended:
         books[i].close_writer() if isinstance(e, Preempted) else books[i].fail(e)
     raise
+  finally:
+    for b in books:
+      b.release()
   return [ended.get(i, r) for i, r in enumerate(results)]
 
 
@@ -145,11 +157,18 @@ def _train_program(eng: ve.VectorEngine, books: Sequence[RunBook], log, stop_aft
   `finished` as it ends (so a caller knows which arms ended if this raises)."""
   n, total, spe = eng.n, eng.total_steps, eng.steps_per_epoch
   abstract = eng.abstract_arm_state()
-  restored = [b.restore(abstract) for b in books]
+  restored = []
+  for i, b in enumerate(books):
+    try:
+      restored.append(b.restore(abstract))
+    except NoValidCheckpoint as e:   # this arm cannot go on; the others can
+      b.fail(e)
+      finished[i] = {'status': 'failed', 'reason': str(e)}
+      restored.append(None)
   state = eng.stack([s if s is not None else eng.init_arm(i) for i, s in enumerate(restored)])
   del restored
   for i, b in enumerate(books):
-    status = b.begin()
+    status = b.begin() if i not in finished else None
     if status is not None:
       finished[i] = status
   starts = [b.start for b in books]
@@ -219,6 +238,7 @@ def _train_program(eng: ve.VectorEngine, books: Sequence[RunBook], log, stop_aft
       if not np.isfinite(vals[i]['loss']):   # never checkpoint a state that cannot predict
         finished[i] = books[i].diverged(done)
     stepped = [i for i in stepped if i not in finished]
+    train_evals = eng.evaluate(state, engine.TRAIN_EVAL) if stepped else []
     stopping = stop_after_step is not None and done >= stop_after_step and done < total
     resume_point = (done == total or stopping
                     or _agree(time.time() - last_resume_point >= resume_every_s))
@@ -231,8 +251,8 @@ def _train_program(eng: ve.VectorEngine, books: Sequence[RunBook], log, stop_aft
         arm_state = eng.arm_state(state, i)
       if books[i].config.train.tb_histograms:
         histograms = (jax.device_get(arm_state.params), eng.base.activations(arm_state))
-      row = books[i].log_eval(done, spe, losses[i], accs[i], vals[i], lrs[i], speed,
-                              histograms)
+      row = books[i].log_eval(done, spe, losses[i], accs[i], vals[i], train_evals[i], lrs[i],
+                              speed, histograms)
       if i in save:
         books[i].save(row, arm_state, meta_base)
       del arm_state

@@ -11,7 +11,7 @@ from lib.rundir import RunDir
 # metrics.jsonl keys that are not TensorBoard scalars.
 _NOT_SCALARS = ('step',)
 # Scalars the HParams tab shows next to each run's hyperparameters.
-HPARAM_METRICS = ('val_accuracy', 'val_loss', 'train_accuracy', 'train_loss')
+HPARAM_METRICS = ('val_accuracy', 'val_loss', 'train_eval_accuracy', 'train_eval_loss')
 
 
 class MetricsWriter:

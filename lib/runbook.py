@@ -1,26 +1,31 @@
-"""One run's bookkeeping while it trains: its directory, status, metrics,
-TensorBoard events, checkpoints, early stopping and divergence.
+"""One run's bookkeeping while it trains: its directory, lock, provenance, status,
+metrics, TensorBoard events, checkpoints, early stopping and divergence.
 
 Shared by the single-run loop (lib/train.py) and the loop that trains many
 arms in one program (lib/group_train.py), so a run trained alone or as one arm
 of a group leaves the same files behind. The order of calls:
 
   book = RunBook(config, workdir)       # checks only; raises UserError, writes nothing
-  book.open(total_steps)                # directory ready; a status if nothing is left to do
-  book.restore(abstract_state)          # latest checkpoint, or None (start at step 0)
-  book.begin()                          # metrics past the start dropped, status 'running'
+  book.open(total_steps)                # the lock taken (lib/lock.py), directory ready;
+                                        # a status if nothing is left to do
+  book.restore(abstract_state)          # latest checkpoint that restores, or None (step 0)
+  book.begin()                          # metrics past the start dropped, provenance, 'running'
   ... book.log_eval(...); book.save(...); book.stop_early(...) at every evaluation ...
-  book.finish(total) or book.diverged(step)
+  book.finish(total) or book.diverged(step) or book.fail(e)
+  book.release()                        # always (a finally): waits for saves, frees the lock
 """
 import time
 from typing import Any, Dict, Optional
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
 from lib import config as config_lib
-from lib.checkpoint import Checkpoints
-from lib.errors import UserError
+from lib import lock as lock_lib
+from lib import provenance
+from lib.checkpoint import Checkpoints, NoValidCheckpoint
+from lib.errors import UserError, failure_reason
 from lib.metrics import MetricsWriter, echo, format_duration
 from lib.rundir import RunDir
 
@@ -38,16 +43,25 @@ class RunBook:
     self.workdir, self.fresh, self.log = workdir, fresh, log
     self.hparams = hparams
     self.rundir = RunDir(workdir)
-    self.resume = self.rundir.check_config(self.config_dict, fresh)
-    self.previous = self.rundir.read_status() if self.resume else {}
-    if self.previous.get('status') == 'diverged':
-      raise UserError(f'{workdir} diverged ({self.previous.get("reason", "")}); rerunning it '
-                      'would diverge again: pass --fresh to archive it and start over, or use '
-                      'another --workdir')
+    self._read_previous()
     self.checkpoints = None
     self.writer = None
+    self.lock: Optional[lock_lib.RunLock] = None
     self.start, self.wall_offset, self.total = 0, 0.0, 0
     self.best_acc, self.since_best = -1.0, 0
+
+  def _read_previous(self) -> None:
+    """Whether the workdir holds this config's run, and its last status (reads only)."""
+    self.resume = self.rundir.check_config(self.config_dict, self.fresh)
+    self.previous = self.rundir.read_status() if self.resume else {}
+    how = None
+    if self.previous.get('status') == 'diverged':
+      how = f'diverged ({self.previous.get("reason", "")}); rerunning it would diverge again'
+    elif self.previous.get('status') == 'failed' and self.previous.get('unrecoverable'):
+      how = f'cannot be resumed ({self.previous.get("reason", "")})'
+    if how:
+      raise UserError(f'{self.workdir} {how}: pass --fresh to archive it and start over, or '
+                      'use another --workdir')
 
   @property
   def primary(self) -> bool:
@@ -57,6 +71,8 @@ class RunBook:
     """Archives an earlier run (fresh), writes config.json and opens the
     checkpoints. Returns the run's final status if it has nothing left to train."""
     self.total = total_steps
+    self._lock()
+    self._read_previous()   # again, now that no other process can change the directory
     if self.fresh and self.rundir.has_run() and self.primary:
       self.log(f'archived the earlier run to {self.rundir.archive()}')
     if self.primary and not self.resume:
@@ -68,22 +84,40 @@ class RunBook:
     if self.previous.get('status') == 'done' and self.previous.get('stopped_early'):
       self.log(f'{self.workdir} already finished (stopped early at step '
                f'{self.previous["step"]})')
-      self.checkpoints.close()
       return self.previous
     if self.latest is not None and self.latest >= total_steps:   # nothing to restore for
       self.log(f'{self.workdir} already finished ({total_steps} steps)')
       if self.previous.get('status') == 'done':
-        self.checkpoints.close()
         return self.previous
       return self.finish(total_steps)
     return None
 
+  def _lock(self) -> None:
+    """Takes the run directory's lock (process 0 of a multi-host job, for all of them)."""
+    error = ''
+    if self.primary:
+      try:
+        self.lock = lock_lib.RunLock(self.workdir, self.log).acquire()
+      except lock_lib.LockHeld as e:
+        error = str(e)
+    if jax.process_count() > 1:
+      held = multihost_utils.broadcast_one_to_all(np.int32(bool(error)))
+      if int(held) and not error:
+        error = f'{self.workdir} is being trained by another process (see process 0)'
+    if error:
+      raise lock_lib.LockHeld(error)
+
   def restore(self, abstract_state):
-    """The state of the latest checkpoint (restored onto `abstract_state`'s
-    sharding), or None when the run starts from scratch."""
+    """The state of the latest checkpoint that restores (onto `abstract_state`'s
+    sharding), or None when the run starts from scratch. A checkpoint that fails to
+    restore is archived and the one before it used (lib/checkpoint.py)."""
     if self.latest is None:
       return None
-    state, meta = self.checkpoints.restore(self.latest, abstract_state)
+    found = self.checkpoints.restore_latest(abstract_state, self.rundir.archive_dir, self.log,
+                                            self.primary)
+    if found is None:
+      return None
+    step, state, meta = found
     self.start, self.wall_offset = int(state.step), float(meta['wall_time'])
     self.log(f'resuming {self.workdir} from step {self.start}')
     return state
@@ -103,6 +137,7 @@ class RunBook:
                'evaluations')
       return self.finish(self.start, stopped_early=True)
     if self.primary:
+      provenance.record(self.rundir, self.start, self.resume, self.log)
       self.rundir.set_status('running', step=self.start, total_steps=self.total)
       self.writer = MetricsWriter(self.rundir, purge_step=self.start + 1 if self.resume else None)
       if self.start == 0:
@@ -113,16 +148,22 @@ class RunBook:
 
   # ----- at an evaluation -----
   def log_eval(self, done: int, steps_per_epoch: int, train_loss: float, train_acc: float,
-               val: Dict[str, float], lr: float, examples_per_sec: float,
-               histograms=None) -> Dict[str, Any]:
+               val: Dict[str, float], train_eval: Dict[str, float], lr: float,
+               examples_per_sec: float, histograms=None) -> Dict[str, Any]:
     """Appends the evaluation's row to metrics.jsonl and TensorBoard (and the
-    histograms: a (params, activations) pair of host values)."""
-    row = {'step': done, 'epoch': done / steps_per_epoch, 'train_loss': train_loss,
-           'train_accuracy': train_acc, 'val_loss': val['loss'],
-           'val_accuracy': val['accuracy'], 'lr': lr,
+    histograms: a (params, activations) pair of host values). train_loss/acc are the
+    running means since the last evaluation (under augmentation and regularization);
+    `train_eval` is the fixed training subset evaluated as val is."""
+    row = {'step': done, 'epoch': done / steps_per_epoch,
+           'running_train_loss': train_loss, 'running_train_accuracy': train_acc,
+           'train_eval_loss': train_eval['loss'], 'train_eval_accuracy': train_eval['accuracy'],
+           'val_loss': val['loss'], 'val_accuracy': val['accuracy'], 'lr': lr,
            'examples_per_sec': examples_per_sec,
            'wall_time': self.wall_offset + time.time() - self.run_start}
-    self.log(f'  eval step {done}: val_loss {val["loss"]:.4f} val_accuracy {val["accuracy"]:.4f}')
+    self.log(f'  eval step {done}: val_loss {val["loss"]:.4f} val_accuracy {val["accuracy"]:.4f}'
+             f' | train_eval_accuracy {train_eval["accuracy"]:.4f}')
+    if self.lock is not None:
+      self.lock.check()   # another process took the run over: write nothing more
     if self.primary:
       self.writer.write(row)
       if histograms is not None:
@@ -145,6 +186,8 @@ class RunBook:
 
   def save(self, row: Dict[str, Any], state, meta_base: Dict[str, Any]) -> None:
     """The checkpoint of `state` at row['step'] (every process takes part)."""
+    if self.lock is not None:
+      self.lock.check()
     self.checkpoints.save(row['step'], state,
                           {**meta_base, 'step': row['step'], 'epoch': row['epoch'],
                            'wall_time': row['wall_time']},
@@ -172,10 +215,28 @@ class RunBook:
       self.writer = None
 
   def fail(self, e: BaseException) -> None:
-    """Records an exception that ends the run (the caller re-raises it)."""
-    if self.primary:
-      self.rundir.set_status('failed', f'{type(e).__name__}: {e}')
+    """Records an exception that ends the run (the caller re-raises it). A run whose
+    lock was taken over writes nothing: the run is someone else's now."""
     self.close_writer()
+    if isinstance(e, lock_lib.LockHeld):
+      return
+    if self.primary:
+      extra = {'unrecoverable': True} if isinstance(e, NoValidCheckpoint) else {}
+      self.rundir.set_status('failed', failure_reason(e), **extra)
+
+  def release(self) -> None:
+    """Ends this process's hold on the run, however the run ended: waits for a
+    checkpoint being written, closes the writers and frees the lock. Idempotent."""
+    self.close_writer()
+    try:
+      if self.checkpoints is not None:
+        self.checkpoints.wait()
+        self.checkpoints.close()
+        self.checkpoints = None
+    finally:
+      if self.lock is not None:
+        self.lock.release()
+        self.lock = None
 
   def finish(self, final: int, seconds: Optional[float] = None,
              stopped_early: bool = False) -> Dict[str, Any]:
@@ -194,7 +255,6 @@ class RunBook:
       took = f' in {format_duration(seconds)}' if seconds is not None else ''
       self.log(f'done{took}: final val_accuracy {status["final_val_accuracy"]:.4f}, '
                f'best {status["best_val_accuracy"]:.4f} at step {best}')
-    self.checkpoints.close()
     return {'status': 'done', **status}
 
   def diverged(self, step: int) -> Dict[str, Any]:
@@ -205,5 +265,5 @@ class RunBook:
       self.rundir.set_status('diverged', reason, step=step)
     self.close_writer()
     self.log(f'diverged: {reason}')
-    self.checkpoints.close()
     return {'status': 'diverged', 'reason': reason, 'step': step}
+

@@ -8,21 +8,25 @@ A sweep directory W holds W/sweep.json (what was launched) and one ordinary run
 directory per arm and seed, W/<arm>/seed_<k>. Rerunning skips finished and diverged
 runs, resumes interrupted ones from their checkpoints and retries failed ones.
 """
-import concurrent.futures as futures
 import datetime
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+import submitit
+
 from lib import config as config_lib
+from lib import lock as lock_lib
 from lib import sweep as sweep_lib
-from lib.errors import UserError
+from lib.errors import UserError, failure_reason
 from lib.metrics import echo, format_duration
 from lib.rundir import RunDir
 
@@ -109,7 +113,7 @@ def _arm_log(task: Dict[str, Any], primary: bool):
 
 def _failed(workdir: str, e: Exception, log, log_file, primary: bool) -> Dict[str, Any]:
   """Records that a run failed with `e`: its log (with the traceback) and status.json."""
-  reason = f'{type(e).__name__}: {e}'
+  reason = failure_reason(e)
   log(f'failed: {reason}')
   if log_file:
     log_file.write(traceback.format_exc())
@@ -139,6 +143,9 @@ def run_task(task: Dict[str, Any]) -> Dict[str, Any]:
       status = _test(rundir, evaluate, status, log, primary)
   except train.Preempted as e:
     raise Killed(str(e)) from None
+  except lock_lib.LockHeld as e:   # another process trains this run: touch nothing
+    log(f'skipped: {e}')
+    status = {'status': 'held', 'reason': str(e)}
   except Exception as e:   # recorded, and the sweep goes on
     status = _failed(task['workdir'], e, log, log_file, primary)
   finally:
@@ -285,25 +292,99 @@ def run_local(jobs: Sequence, parallel: int = 1, log=echo) -> List[Dict[str, Any
         progress.finished(result)
         results.append(result)
     return results
-  ctx = multiprocessing.get_context('spawn')
-  slots = ctx.Queue()
-  for group in _device_groups(parallel):
-    slots.put(group)
-  with futures.ProcessPoolExecutor(parallel, mp_context=ctx, initializer=_worker_init,
-                                   initargs=(slots,)) as pool:
-    what = f'{n} runs' if len(jobs) == n else f'{n} runs as {len(jobs)} jobs'
-    log(f'{what} on {parallel} worker processes; each run logs to <run>/log.txt')
-    running = {pool.submit(_run_job, job): job for job in jobs}
-    for future in futures.as_completed(running):
-      try:
-        out = future.result()
-      except Exception as e:   # the worker process itself died
-        out = [{'status': 'failed', 'reason': f'worker died: {type(e).__name__}: {e}',
-                'arm': t['arm'], 'seed': t['seed']} for t in _job_tasks(running[future])]
-      for result in out:
-        progress.finished(result)
-        results.append(result)
+  what = f'{n} runs' if len(jobs) == n else f'{n} runs as {len(jobs)} jobs'
+  log(f'{what} on {parallel} worker processes; each run logs to <run>/log.txt')
+  for out in _run_workers(jobs, parallel):
+    for result in out:
+      progress.finished(result)
+      results.append(result)
   return results
+
+
+def _run_workers(jobs: Sequence, parallel: int):
+  """Yields each job's results as it ends, running `parallel` jobs at once, each in
+  a fresh worker process (nothing accumulates across runs) with its own share of
+  the GPUs. A worker that dies (killed by the OS, out of memory) fails only the
+  runs it held: recorded as 'worker died: signal N' and the sweep goes on."""
+  ctx = multiprocessing.get_context('spawn')
+  slots = _device_groups(parallel)
+  waiting = list(jobs)
+  watched: Dict[Any, Dict[str, Any]] = {}   # a process sentinel or its pipe -> its worker
+  while waiting or watched:
+    while waiting and slots:
+      job, slot = waiting.pop(0), slots.pop(0)
+      receive, send = ctx.Pipe(duplex=False)
+      process = ctx.Process(target=_worker_main, args=(job, slot, send, os.getpid()),
+                            name='sweep-worker')
+      process.start()
+      send.close()
+      worker = {'process': process, 'receive': receive, 'job': job, 'slot': slot, 'out': None}
+      watched[process.sentinel] = watched[receive] = worker
+    for ready in multiprocessing.connection.wait(list(watched)):
+      worker = watched.get(ready)
+      if worker is None:
+        continue
+      if ready is worker['receive']:   # read as it comes, so a large result never blocks
+        try:
+          worker['out'] = ready.recv()
+        except (EOFError, OSError):
+          pass
+        del watched[ready]
+        continue
+      del watched[ready]
+      if worker['receive'] in watched:   # exited: anything still in the pipe
+        del watched[worker['receive']]
+        try:
+          if worker['receive'].poll():
+            worker['out'] = worker['receive'].recv()
+        except (EOFError, OSError):
+          pass
+      worker['process'].join()
+      worker['receive'].close()
+      slots.append(worker['slot'])
+      yield (worker['out'] if worker['out'] is not None
+             else _worker_died(worker['job'], worker['process']))
+
+
+def _worker_main(job, slot: Optional[str], send, parent: int) -> None:
+  """A worker process: one job, its results sent back, then exit. It exits too if
+  the sweep process that started it dies (its runs resume on the next rerun)."""
+  _worker_init(slot)
+  import threading
+
+  def watch_parent():
+    while True:
+      time.sleep(1.0)
+      if os.getppid() != parent:
+        os._exit(1)
+  threading.Thread(target=watch_parent, daemon=True).start()
+  send.send(_run_job(job))
+  send.close()
+
+
+def _worker_died(job, process) -> List[Dict[str, Any]]:
+  """The results of a job whose worker process ended without sending them: runs that
+  had ended keep their status, the others fail naming how the worker ended."""
+  code = process.exitcode
+  if code is not None and code < 0:
+    try:
+      name = f' ({signal.Signals(-code).name})'
+    except ValueError:
+      name = ''
+    reason = f'worker died: signal {-code}{name}'
+  else:
+    reason = f'worker died: exit code {code}'
+  out = []
+  for task in _job_tasks(job):
+    lock_lib.remove_if_pid(task['workdir'], process.pid)   # the lock of the dead worker
+    ended = RunDir(task['workdir']).read_status()
+    if ended.get('status') in SKIP:
+      out.append({**ended, 'arm': task['arm'], 'seed': task['seed']})
+      continue
+    if RunDir(task['workdir']).has_run():
+      RunDir(task['workdir']).set_status('failed', reason)
+    out.append({'status': 'failed', 'reason': reason, 'arm': task['arm'], 'seed': task['seed']})
+  return out
 
 
 def _device_groups(parallel: int) -> List[Optional[str]]:
@@ -326,13 +407,31 @@ def _device_groups(parallel: int) -> List[Optional[str]]:
   return [','.join(gpus[i * per:(i + 1) * per]) for i in range(parallel)]
 
 
-def _worker_init(slots) -> None:
+def _worker_init(group: Optional[str]) -> None:
   from absl import logging
   logging.set_verbosity(logging.ERROR)   # as in the parent (lib/cli.py): no Orbax INFO/WARNING
-  group = slots.get()
   if group is not None:
     os.environ['CUDA_VISIBLE_DEVICES'] = group
   os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+
+
+class ArrayTask(submitit.helpers.Checkpointable):
+  """One array task of a submitit job array: a job (a run, or runs trained together).
+
+  Checkpointable: when SLURM preempts the task or its time limit nears, submitit
+  signals it (USR2), calls `checkpoint` and requeues the same call. The requeued
+  task takes over its runs' locks (same SLURM job id) and each run resumes from its
+  latest checkpoint, so nobody has to rerun anything. What is lost is the training
+  since that checkpoint (at most one evaluation interval)."""
+
+  def __call__(self, job):
+    return _run_job(job)
+
+  def checkpoint(self, job) -> submitit.helpers.DelayedSubmission:
+    # The runs' state is in their checkpoints: requeue the same call. The locks of
+    # this process go with it (its next incarnation takes them over).
+    lock_lib.release_all()
+    return submitit.helpers.DelayedSubmission(self, job)
 
 
 def run_submitit(jobs: Sequence, workdir: str, cluster: str,
@@ -342,17 +441,21 @@ def run_submitit(jobs: Sequence, workdir: str, cluster: str,
   executor: the same code path on one machine). Each array task may span
   several hosts (nodes x tasks_per_node processes), which join through
   jax.distributed."""
-  import submitit
   folder = os.path.join(workdir, 'slurm', '%j')
   executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
   executor.update_parameters(**params)
   jobs = [[{**t, 'distributed': 'auto'} for t in job] if isinstance(job, list)
           else {**job, 'distributed': 'auto'} for job in jobs]
-  submitted = executor.map_array(_run_job, jobs)
+  submitted = executor.map_array(ArrayTask(), jobs)
+  if cluster == 'slurm':   # while the array waits in the queue, a rerun must not resubmit it
+    for array_task, job in zip(submitted, jobs):
+      for task in _job_tasks(job):
+        lock_lib.place_queued(task['workdir'], array_task.job_id)
   n = sum(len(_job_tasks(j)) for j in jobs)
   log(f'submitted {n} runs as {len(submitted)} array tasks of job '
       f'{submitted[0].job_id.split("_")[0]} ({cluster}); logs in '
-      f'{os.path.join(workdir, "slurm")}')
+      f'{os.path.join(workdir, "slurm")}; a preempted or timed-out task is requeued and '
+      'resumes from its latest checkpoint')
   if not wait:
     log('not waiting: rerun the same command later to resubmit what did not finish, or '
         f'python -m launch.report {workdir} for the results so far')
@@ -433,6 +536,14 @@ def execute(tasks: Sequence[Dict[str, Any]], workdir: str, executor: str, parall
   skipped = len(tasks) - len(todo)
   if skipped:
     log(f'{skipped} of {len(tasks)} runs already finished (or diverged): skipped')
+  free = []
+  for t in todo:   # runs another process is training (or SLURM has queued) are not ours
+    holder = lock_lib.live_holder(t['workdir'])
+    if holder:
+      log(f'{t["arm"]}/seed_{t["seed"]} is held by {lock_lib.describe(holder)}: skipped')
+    else:
+      free.append(t)
+  todo = free
   if not todo:
     return []
   if kill_at and executor == 'local' and parallel <= 1:

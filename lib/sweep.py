@@ -261,8 +261,7 @@ def make_config(base: ml_collections.ConfigDict, run: Run) -> ml_collections.Con
     raise UserError(f'arm {run.arm}: {e}') from None
 
 
-def load_spec(module_path: str, arg: Optional[str]) -> Any:
-  """get_sweep(arg) of an experiment module file."""
+def _module(module_path: str):
   import importlib.util
   spec = importlib.util.spec_from_file_location('experiment_sweep_module', module_path)
   if spec is None or not module_path.endswith('.py'):
@@ -272,6 +271,17 @@ def load_spec(module_path: str, arg: Optional[str]) -> Any:
     spec.loader.exec_module(module)
   except FileNotFoundError:
     raise UserError(f'cannot load {module_path}: no such file') from None
+  return module
+
+
+def has_sweep(module_path: str) -> bool:
+  """Whether an experiment module file defines get_sweep (an ablation, not one run)."""
+  return hasattr(_module(module_path), 'get_sweep')
+
+
+def load_spec(module_path: str, arg: Optional[str]) -> Any:
+  """get_sweep(arg) of an experiment module file."""
+  module = _module(module_path)
   if not hasattr(module, 'get_sweep'):
     raise UserError(f'{module_path} has no get_sweep(arg): add one returning the arms (see '
                     'lib/sweep.py), or train a single run with launch.train')

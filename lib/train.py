@@ -47,28 +47,37 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False, mesh=None,
   dataset = data.load(config.data)                    # may fail: nothing written yet
   mesh = mesh if mesh is not None else sharding.make_mesh()
   eng = engine.Engine(config, dataset, mesh)
-  total, spe = eng.total_steps, eng.steps_per_epoch
-  finished = book.open(total)
-  if finished is not None:
-    return finished
-  state = book.restore(eng.abstract_state())
-  state = eng.owned(state) if state is not None else eng.init_state()
-  start = book.start
-  finished = book.begin()
-  if finished is not None:
-    return finished
-  log(f'training {config.model.name} on {config.data.source} '
-      f'({len(dataset.train[1])} train / {len(dataset.val[1])} val images) for {total} steps '
-      f'on {mesh.devices.size} device(s), batch {config.train.batch_size}')
-
-  meta_base = checkpoint_meta(eng)
-  batch = config.train.batch_size
-  sums = eng.zero_sums()
-  epoch_indices, current_epoch = None, -1
-  window_start, window_examples = time.time(), 0   # for examples/s since the last log
-  train_time = 0.0                                  # excludes evaluation, for the ETA
-  segment_start = time.time()
   try:
+    finished = book.open(eng.total_steps)             # takes the run's lock
+    if finished is not None:
+      return finished
+    return _train(eng, book, log, stop_after_step)
+  finally:
+    book.release()
+
+
+def _train(eng, book: RunBook, log, stop_after_step: Optional[int]) -> Dict[str, Any]:
+  """The loop of train_and_evaluate, from the open RunBook `book` on."""
+  config, dataset, mesh = eng.config, eng.dataset, eng.mesh
+  total, spe = eng.total_steps, eng.steps_per_epoch
+  try:
+    state = book.restore(eng.abstract_state())
+    state = eng.owned(state) if state is not None else eng.init_state()
+    start = book.start
+    finished = book.begin()
+    if finished is not None:
+      return finished
+    log(f'training {config.model.name} on {config.data.source} '
+        f'({len(dataset.train[1])} train / {len(dataset.val[1])} val images) for {total} steps '
+        f'on {mesh.devices.size} device(s), batch {config.train.batch_size}')
+
+    meta_base = checkpoint_meta(eng)
+    batch = config.train.batch_size
+    sums = eng.zero_sums()
+    epoch_indices, current_epoch = None, -1
+    window_start, window_examples = time.time(), 0   # for examples/s since the last log
+    train_time = 0.0                                  # excludes evaluation, for the ETA
+    segment_start = time.time()
     for step in range(start, total):
       if step // spe != current_epoch:
         current_epoch = step // spe
@@ -97,12 +106,14 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False, mesh=None,
       val = eng.evaluate(state, 'val')
       if not np.isfinite(val['loss']):   # never checkpoint a state that cannot predict
         return book.diverged(done)
+      train_eval = eng.evaluate(state, engine.TRAIN_EVAL)
       # Every process runs the same programs (multi-host); only the primary writes.
       histograms = None
       if config.train.tb_histograms:
         histograms = (jax.device_get(state.params), eng.activations(state))
-      row = book.log_eval(done, spe, train_loss, train_acc, val, lr, speed, histograms)
-      book.save(row, state, meta_base)
+      row = book.log_eval(done, spe, train_loss, train_acc, val, train_eval, lr, speed,
+                          histograms)
+      book.save(row, state, meta_base)   # asynchronous: returns once off the devices
       stopped = book.stop_early(done, val['accuracy'])
       if stopped is not None:
         return stopped
@@ -113,9 +124,7 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False, mesh=None,
         book.checkpoints.wait()
         raise Preempted(f'stopped after step {done} (stop_after_step)')
   except (Exception, KeyboardInterrupt) as e:
-    if isinstance(e, Preempted):
-      book.close_writer()
-    else:
+    if not isinstance(e, Preempted):
       book.fail(e)
     raise
   return book.finish(total, time.time() - book.run_start)

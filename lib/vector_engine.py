@@ -102,6 +102,7 @@ class VectorEngine:
         self.base.std, dataset.num_classes, self.steps_per_epoch)
     self._steps: Dict[bool, object] = {}
     self._evals: Dict[tuple, object] = {}
+    self._init_fns: Dict[models.Options, object] = {}
     self._serialize = self.base._serialize
     self._all_active = sharding.to_global(np.ones((self.n,), bool), self.by_arm)
     self._stack = jax.jit(lambda *s: _stack(s), out_shardings=self.by_arm)
@@ -127,13 +128,16 @@ class VectorEngine:
     return unrolled
 
   # ----- state -----
-  @functools.lru_cache(maxsize=None)
   def _init_fn(self, options: models.Options):
-    model = self.base.model.clone(opts=options)
+    """The jitted init of a model with these init options, one per options value
+    (kept by this engine, not by a cache on the method that would keep every engine)."""
+    if options not in self._init_fns:
+      model = self.base.model.clone(opts=options)
 
-    def init(hp, seed):
-      return steps.init_state(model, self.base.tx_build, hp, seed, self.dataset.image_shape)
-    return jax.jit(init, out_shardings=self.rep)
+      def init(hp, seed):
+        return steps.init_state(model, self.base.tx_build, hp, seed, self.dataset.image_shape)
+      self._init_fns[options] = jax.jit(init, out_shardings=self.rep)
+    return self._init_fns[options]
 
   def init_arm(self, i: int):
     """Arm i's initial state, exactly as its own run would make it."""

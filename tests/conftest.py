@@ -1,4 +1,9 @@
-"""4 CPU devices for every test, set before JAX is imported."""
+"""4 CPU devices for every test, and a persistent compilation cache, set before JAX is imported.
+
+The cache (default .cache/jax-tests in the repo, override with JAX_COMPILATION_CACHE_DIR) is
+shared by every test and by the launches tests start as subprocesses (they inherit the
+environment), so a program compiled once is loaded, not recompiled, by later tests and runs.
+"""
 import os
 import sys
 
@@ -7,6 +12,9 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(ROOT, '.cache', 'jax-tests'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')   # CPU programs too
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
 
 import jax  # noqa: E402  (after the flags above)
 import pytest  # noqa: E402

@@ -88,7 +88,7 @@ def test_every_factor_trains_end_to_end_on_four_devices(factor, tmp_path, device
                               mesh=sharding.make_mesh(devices), log=quiet)
   assert status['status'] == 'done', status
   rows = RunDir(str(tmp_path / 'w')).read_metrics()
-  assert rows and all(np.isfinite(r['train_loss']) and np.isfinite(r['val_loss']) for r in rows)
+  assert rows and all(np.isfinite(r['running_train_loss']) and np.isfinite(r['val_loss']) for r in rows)
   recorded = RunDir(str(tmp_path / 'w')).read_config()
   for key, value in FACTORS[factor].items():
     group, name = key.split('.')

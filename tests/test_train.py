@@ -13,7 +13,8 @@ from lib.rundir import RunDir
 from lib.train import Preempted, train_and_evaluate
 
 quiet = lambda message: None
-DETERMINISTIC = ('step', 'epoch', 'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy', 'lr')
+DETERMINISTIC = ('step', 'epoch', 'running_train_loss', 'running_train_accuracy', 'train_eval_loss',
+                 'train_eval_accuracy', 'val_loss', 'val_accuracy', 'lr')
 
 
 def small_config(**train):
@@ -43,14 +44,15 @@ def test_run_directory_is_self_describing(finished_run):
   assert rd.read_config()['model']['width'] == 512
   rows = rd.read_metrics()
   assert [r['step'] for r in rows] == [40, 80, 120, 160]   # once per epoch
-  for key in ('step', 'epoch', 'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy', 'lr',
+  for key in ('step', 'epoch', 'running_train_loss', 'running_train_accuracy', 'train_eval_loss',
+              'train_eval_accuracy', 'val_loss', 'val_accuracy', 'lr',
               'examples_per_sec', 'wall_time'):
     assert key in rows[0]
   assert os.listdir(os.path.join(workdir, 'tb'))
   best = max(rows, key=lambda r: (r['val_accuracy'], r['step']))
   assert status['best_step'] == best['step']
   kept = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit())
-  assert kept == sorted({best['step'], rows[-1]['step']})   # latest + best only
+  assert kept == sorted({best['step'], rows[-2]['step'], rows[-1]['step']})   # 2 latest + best
 
 
 def losses_on(mesh, config, n_steps=20):
@@ -145,7 +147,7 @@ def test_divergence_stops_with_status_and_keeps_last_good_checkpoint(tmp_path):
   assert record['status'] == 'diverged' and f'step {status["step"]}' in record['reason']
   kept = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit())
   assert kept and max(kept) <= 80
-  assert all(np.isfinite(r['train_loss']) for r in RunDir(workdir).read_metrics())
+  assert all(np.isfinite(r['running_train_loss']) for r in RunDir(workdir).read_metrics())
   # Rerunning would only diverge again: refused, pointing at --fresh.
   with pytest.raises(UserError, match='--fresh'):
     train_and_evaluate(c, workdir, log=quiet)

@@ -17,7 +17,8 @@ from lib.errors import UserError
 from lib.rundir import RunDir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DETERMINISTIC = ('step', 'epoch', 'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy', 'lr')
+DETERMINISTIC = ('step', 'epoch', 'running_train_loss', 'running_train_accuracy', 'train_eval_loss',
+                 'train_eval_accuracy', 'val_loss', 'val_accuracy', 'lr')
 quiet = lambda message: None
 
 
