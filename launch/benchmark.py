@@ -1,5 +1,5 @@
 """Benchmark: python -m launch.benchmark [--models=mlp,resnet20] [--batch_size=128]
-[--cifar_dir=../shared/data/cifar-10-batches-py] [--arms=1,2,4,8,16]
+[--cifar_dir=../shared/data/cifar-10-batches-py] [--arms=1,2,4,8,16] [--nocheckpoint_pause]
 
 Prints tables and, last, one JSON line with every number. With --arms: arms
 trained one by one against one vectorized program, for the quickstart MLP on
@@ -21,6 +21,10 @@ _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps per model.')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
 _CIFAR = flags.DEFINE_string('cifar_dir', None, 'Also measure the loop overhead of ResNet-20 '
                              'on this CIFAR "python version" directory.')
+_PAUSE = flags.DEFINE_bool('checkpoint_pause', True, 'Measure the pause of the train loop at '
+                           'an evaluation (val, train_eval, checkpoint save) with synchronous '
+                           'and asynchronous checkpoints, for the quickstart MLP (and ResNet-20 '
+                           'with --cifar_dir).')
 _ARMS = flags.DEFINE_list('arms', [], 'Arm counts for the vectorized-arms benchmark, e.g. '
                           '1,2,4,8,16 (empty: skip it).')
 _ARM_MODELS = flags.DEFINE_list('arm_models', ['mlp_digits', 'resnet20'],
@@ -47,18 +51,27 @@ def main(argv):
     steps.append(r)
     print(f'{model:<10} {r["batch_size"]:>5} {r["dtype"]:>8} {r["examples_per_sec"]:>11,.0f} '
           f'{r["step_ms"]:>8.1f} {r["compile_s"]:>9.1f}', flush=True)
-  loops = [benchmark.loop_overhead(quickstart.get_config())]
+  real = [quickstart.get_config()]
   if _CIFAR.value:
     c = quickstart.get_config()
     c.data.source, c.data.path = 'cifar_dir', _CIFAR.value
     c.model.name, c.model.norm, c.model.width, c.model.depth = 'resnet20', 'batch', -1, -1
     c.train.batch_size = _BATCH.value
     c.augment.crop_padding, c.augment.flip = 4, True
-    loops.append(benchmark.loop_overhead(c))
+    real.append(c)
+  loops = [benchmark.loop_overhead(c) for c in real]
   print(f'\n{"real epoch":<22} {"steps":>5} {"epoch s":>8} {"in step s":>9} {"outside":>8}')
   for r in loops:
     print(f'{r["model"] + " on " + r["data"]:<22} {r["steps_per_epoch"]:>5} {r["epoch_s"]:>8.2f} '
           f'{r["in_step_s"]:>9.2f} {r["outside_fraction"]:>8.1%}', flush=True)
+  pauses = []
+  print(f'\n{"pause per evaluation":<22} {"checkpoints":>12} {"pause ms":>9} {"save ms":>8} '
+        f'{"next step ms":>12}')
+  for c in (real if _PAUSE.value else []):
+    for r in benchmark.checkpoint_pause(c):
+      pauses.append(r)
+      print(f'{r["model"] + " on " + r["data"]:<22} {r["checkpoints"]:>12} {r["pause_ms"]:>9.1f} '
+            f'{r["save_ms"]:>8.1f} {r["next_step_ms"]:>12.1f}', flush=True)
   arms, sweeps = [], []
   counts = [int(a) for a in _ARMS.value]
   for name in (_ARM_MODELS.value if counts else []):
@@ -91,7 +104,8 @@ def main(argv):
           f'{r["one_by_one_s"]:.1f} s, as one group {r["group_s"]:.1f} s, '
           f'speedup {r["speedup"]:.2f}x', flush=True)
   print(json.dumps({'machine': machine, 'jax': jax.__version__, 'train_step': steps,
-                    'epoch_loop': loops, 'arms': arms, 'sweep': sweeps}))
+                    'epoch_loop': loops, 'checkpoint_pause': pauses, 'arms': arms,
+                    'sweep': sweeps}))
 
 
 if __name__ == '__main__':

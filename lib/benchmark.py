@@ -5,6 +5,8 @@
 * loop overhead: the fraction of a real epoch's wall time (training, the
   evaluation and checkpoint at its end included) spent outside the compiled
   step: 1 - steps * step_time / epoch_wall_time;
+* checkpoint pause: how long the loop stops at an evaluation (val, train_eval,
+  the checkpoint save) with synchronous and asynchronous checkpoints;
 * arms: N arms trained one by one (N calls of one arm's step) against N arms
   as one vectorized program (lib/vector_engine.py): examples/s summed over the
   arms, and the speedup N * t(one arm) / t(N arms);
@@ -82,6 +84,58 @@ def loop_overhead(config, steps: int = 20) -> Dict[str, float]:
   return {'model': config.model.name, 'data': config.data.source,
           'steps_per_epoch': eng.steps_per_epoch, 'epoch_s': epoch_s,
           'in_step_s': in_step, 'outside_fraction': max(0.0, 1.0 - in_step / epoch_s)}
+
+
+def checkpoint_pause(config, dataset=None, evaluations: int = 5) -> List[Dict[str, float]]:
+  """The pause of the train loop at each evaluation: from the end of the last train
+  step before it to the start of the first after it (val and train_eval evaluated,
+  the checkpoint saved, the next step dispatched), with checkpoints written before
+  `save` returns (synchronous) and in the background (asynchronous, the default).
+  Each is the median over `evaluations` evaluations, one train step apart. The
+  asynchronous rows also give the step after the save, which the background write
+  may slow (the next save waits for it)."""
+  from lib.checkpoint import Checkpoints
+  from lib.train import checkpoint_meta
+  config = resolve(config)
+  dataset = dataset if dataset is not None else data.load(config.data)
+  eng = engine.Engine(config, dataset, sharding.make_mesh())
+  images, labels = eng.split_on_device('train')
+  idx, meta = eng.epoch_indices(0), checkpoint_meta(eng)
+  out = []
+  for asynchronous in (False, True):
+    with tempfile.TemporaryDirectory() as tmp:
+      ckpt = Checkpoints(os.path.join(tmp, 'checkpoints'), asynchronous=asynchronous)
+      state, sums = eng.init_state(), eng.zero_sums()
+      step = lambda st, sm: eng._train_step(st, eng.hparams, images, labels, idx, sm)
+      for _ in range(2):   # compile the step and both evaluations, write a first save
+        state, sums = step(state, sums)
+        eng.evaluate(state, 'val'), eng.evaluate(state, engine.TRAIN_EVAL)
+      ckpt.save(0, state, meta, {'val_accuracy': 0.0, 'val_loss': 1.0})
+      ckpt.wait()
+      pauses, saves, after = [], [], []
+      for i in range(1, evaluations + 1):
+        state, sums = step(state, sums)
+        jax.block_until_ready(state)
+        t0 = time.perf_counter()
+        val = eng.evaluate(state, 'val')
+        eng.evaluate(state, engine.TRAIN_EVAL)
+        t1 = time.perf_counter()
+        ckpt.save(i, state, meta, {'val_accuracy': val['accuracy'], 'val_loss': val['loss']})
+        t2 = time.perf_counter()
+        state, sums = step(state, sums)   # donates the state just saved
+        t3 = time.perf_counter()
+        jax.block_until_ready(state)
+        pauses.append(t3 - t0)
+        saves.append(t2 - t1)
+        after.append(time.perf_counter() - t2)
+      ckpt.wait()
+      ckpt.close()
+    out.append({'model': config.model.name, 'data': config.data.source,
+                'checkpoints': 'asynchronous' if asynchronous else 'synchronous',
+                'pause_ms': 1000 * float(np.median(pauses)),
+                'save_ms': 1000 * float(np.median(saves)),
+                'next_step_ms': 1000 * float(np.median(after))})
+  return out
 
 
 def _time(call, state, sums, steps: int, repeats: int = 5):
