@@ -13,7 +13,8 @@ interrupted write leaves only a temporary directory, removed at the next start.
 
 Two latest are kept so that an unreadable latest checkpoint (a truncated file,
 a bad disk block) costs one evaluation interval, not the run: `restore_latest`
-moves it to W/archive/ (never deletes it) and restores the one before.
+restores the one before and then moves the bad one to W/archive/ (never deletes
+it). If none restores, nothing is moved: the cause may not be the files.
 """
 import os
 import shutil
@@ -32,7 +33,7 @@ KEEP_LATEST = 2
 
 
 class NoValidCheckpoint(UserError):
-  """Every checkpoint of a run failed to restore (each was archived)."""
+  """Every checkpoint of a run failed to restore (all are left in place)."""
 
 
 def _quiet_closed_loop_callbacks() -> None:
@@ -121,28 +122,37 @@ class Checkpoints:
   def restore_latest(self, abstract_state, archive_dir: str, log: Callable[[str], None],
                      primary: bool = True) -> Optional[Tuple[int, Any, Dict[str, Any]]]:
     """(step, state, meta) of the latest checkpoint that restores, or None if the run
-    has none. Each one that fails to restore is moved to `archive_dir` (by the
-    primary process) and the one before is tried; NoValidCheckpoint if none is left."""
-    bad = []
+    has none. The steps after it that failed to restore are bad files (an older one
+    restored here, under the same code, memory and filesystem): they are moved to
+    `archive_dir` (by the primary process), never deleted. When none restores, the
+    cause may be elsewhere (out of memory, a changed model, a filesystem error), so
+    nothing is moved and NoValidCheckpoint says what each failure was."""
+    failed = []
     _quiet_closed_loop_callbacks()
     for step in reversed(self.steps()):
       try:
         state, meta = self.restore(step, abstract_state)
-        return step, state, meta
-      except Exception as e:   # noqa: BLE001 - any failure to read is a bad checkpoint
-        reason = f'{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ""}'
-        dest = os.path.join(archive_dir, f'checkpoint-{step}-{timestamp()}')
+      except Exception as e:   # noqa: BLE001 - judged below, once an older one restores
+        text = str(e).strip()
+        failed.append((step, f'{type(e).__name__}: {text.splitlines()[0] if text else ""}'[:200]))
+        continue
+      for bad, reason in failed:
+        dest = os.path.join(archive_dir, f'checkpoint-{bad}-{timestamp()}')
         if primary:
           os.makedirs(archive_dir, exist_ok=True)
-          shutil.move(os.path.join(self.directory, str(step)), dest)
-        log(f'warning: checkpoint at step {step} does not restore ({reason[:200]}); moved it '
-            f'to {dest} and trying the one before')
-        bad.append(dest)
+          shutil.move(os.path.join(self.directory, str(bad)), dest)
+        log(f'warning: checkpoint at step {bad} does not restore ({reason}); moved it to '
+            f'{dest}; resuming from step {step}, the one before')
+      if failed:
         self.manager.reload()
-    if bad:
+      return step, state, meta
+    if failed:
+      what = '; '.join(f'step {s}: {r}' for s, r in failed)
       raise NoValidCheckpoint(
-          f'no checkpoint of {os.path.dirname(self.directory)} restores: all {len(bad)} moved to '
-          f'{archive_dir}; rerun with --fresh to start over (the run is archived, not deleted)')
+          f'no checkpoint of {os.path.dirname(self.directory)} restores ({what}); all are '
+          'left in place: if the cause is elsewhere (memory, a changed model, the '
+          'filesystem), fix it and rerun; if the files are damaged, rerun with --fresh to '
+          'start over (the run is archived, not deleted)')
     return None
 
   def restore_meta(self, step: int) -> Dict[str, Any]:

@@ -53,6 +53,11 @@ class RunBook:
   def _read_previous(self) -> None:
     """Whether the workdir holds this config's run, and its last status (reads only)."""
     self.resume = self.rundir.check_config(self.config_dict, self.fresh)
+    orphans = self.rundir.orphans()
+    if orphans and not self.fresh:
+      raise UserError(f'{self.workdir} holds {", ".join(orphans)} but no config.json (an '
+                      'interrupted --fresh, or files copied in): rerun with --fresh to '
+                      'archive them, or use another --workdir')
     self.previous = self.rundir.read_status() if self.resume else {}
     how = None
     if self.previous.get('status') == 'diverged':
@@ -73,7 +78,7 @@ class RunBook:
     self.total = total_steps
     self._lock()
     self._read_previous()   # again, now that no other process can change the directory
-    if self.fresh and self.rundir.has_run() and self.primary:
+    if self.fresh and (self.rundir.has_run() or self.rundir.orphans()) and self.primary:
       self.log(f'archived the earlier run to {self.rundir.archive()}')
     if self.primary and not self.resume:
       self.rundir.write_config(self.config_dict)
@@ -221,8 +226,7 @@ class RunBook:
     if isinstance(e, lock_lib.LockHeld):
       return
     if self.primary:
-      extra = {'unrecoverable': True} if isinstance(e, NoValidCheckpoint) else {}
-      self.rundir.set_status('failed', failure_reason(e), **extra)
+      self.rundir.set_status('failed', failure_reason(e))
 
   def release(self) -> None:
     """Ends this process's hold on the run, however the run ended: waits for a
@@ -230,9 +234,13 @@ class RunBook:
     self.close_writer()
     try:
       if self.checkpoints is not None:
-        self.checkpoints.wait()
-        self.checkpoints.close()
-        self.checkpoints = None
+        checkpoints, self.checkpoints = self.checkpoints, None
+        checkpoints.wait()
+        checkpoints.close()
+    except Exception as e:   # noqa: BLE001 - every success path waited before its status;
+      # here a run is already ending on another exception, which must not be replaced
+      self.log(f'warning: {self.workdir}: the last checkpoint write failed '
+               f'({failure_reason(e)}); a rerun resumes from the one before')
     finally:
       if self.lock is not None:
         self.lock.release()

@@ -173,11 +173,50 @@ def test_stale_queued_and_own_job_locks(tmp_path, monkeypatch):
   held = lock.RunLock(d, quiet).acquire()
   assert lock.read(d)['state'] == 'running' and lock.read(d)['slurm_job'] == '123_4'
   held.release()
-  # a requeued job finds its previous incarnation's lock (another host, fresh heartbeat)
-  put(host='another-host', slurm_job='123_4')
+  # another live step of the same job on another node is not this process
+  put(host='another-host', slurm_job='123_4', slurm_restart=0)
+  with pytest.raises(lock.LockHeld):
+    lock.RunLock(d, quiet).acquire()
+  # a requeued job finds its previous incarnation's lock (another host, fresh heartbeat,
+  # an earlier SLURM_RESTART_COUNT)
+  monkeypatch.setenv('SLURM_RESTART_COUNT', '1')
+  lines = []
+  held = lock.RunLock(d, lines.append).acquire()
+  assert lines and 'requeued' in lines[0]
+  # preempted again: the lock turns back into a queued one of the job, not released
+  lock.requeue_all()
+  assert lock.read(d)['state'] == 'queued' and lock.read(d)['slurm_job'] == '123_4'
+  assert not held.held()
+  monkeypatch.delenv('SLURM_ARRAY_JOB_ID')
+  assert lock.live_holder(d)['state'] == 'queued'   # a sweep rerun leaves it alone
+  os.remove(path)
+
+
+def test_an_unreadable_lock_is_neither_lost_nor_held_forever(tmp_path, monkeypatch):
+  d = str(tmp_path)
+  path = os.path.join(d, lock.LOCK_FILE)
+  monkeypatch.setenv('ABLATE_LOCK_HEARTBEAT_S', '0.05')
+  held = lock.RunLock(d, quiet).acquire()
+  with open(path, 'w') as f:   # a filesystem hiccup or a half-written file: not a takeover
+    f.write('{"state": "runn')
+  held.check()
+  time.sleep(0.5)
+  assert lock.read(d)['nonce'] == held.record['nonce']   # the heartbeat went on and repaired it
+  os.remove(path)   # removed by hand: taken again, the run goes on
+  held.check()
+  assert lock.read(d)['nonce'] == held.record['nonce']
+  held.release()
+  assert not os.path.exists(path)
+  # an unreadable lock left by a dead writer: refused while recent, taken once old
+  with open(path, 'w') as f:
+    f.write('')
+  with pytest.raises(lock.LockHeld, match='unreadable'):
+    lock.RunLock(d, quiet).acquire()
+  old = time.time() - lock.lease_s() - 1
+  os.utime(path, (old, old))
   lines = []
   lock.RunLock(d, lines.append).acquire().release()
-  assert lines and 'requeued' in lines[0]
+  assert any('took over an unreadable lock file' in l for l in lines)
 
 
 def test_a_taken_over_run_stops_without_writing(tmp_path, one_device, monkeypatch):
@@ -250,14 +289,19 @@ def test_no_valid_checkpoint_fails_the_run_and_keeps_everything(tmp_path, one_de
     train_and_evaluate(tiny(), workdir, stop_after_step=80, mesh=one_device, log=quiet)
   for step in ('40', '80'):
     _truncate_largest_file(os.path.join(workdir, 'checkpoints', step))
-  with pytest.raises(UserError, match='no checkpoint of .* restores: all 2 moved to'):
+  # None restores: the cause may be elsewhere (memory, a changed model), so nothing is
+  # moved, the run fails naming each failure, and a rerun tries them again.
+  with pytest.raises(UserError, match=r'no checkpoint of .* restores \(step 80: .*; step 40: '
+                                      r'.*\); all are left in place'):
     train_and_evaluate(tiny(), workdir, mesh=one_device, log=quiet)
   status = RunDir(workdir).read_status()
-  assert status['status'] == 'failed' and status['unrecoverable']
-  assert len(os.listdir(os.path.join(workdir, 'archive'))) == 2
+  assert status['status'] == 'failed' and 'no checkpoint of' in status['reason']
+  assert not os.path.exists(os.path.join(workdir, 'archive'))
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['40', '80']
   assert [r['step'] for r in RunDir(workdir).read_metrics()] == [40, 80]   # kept
-  with pytest.raises(UserError, match='cannot be resumed .*--fresh'):   # not silently redone
+  with pytest.raises(UserError, match='no checkpoint of'):   # never silently redone from 0
     train_and_evaluate(tiny(), workdir, mesh=one_device, log=quiet)
+  assert [r['step'] for r in RunDir(workdir).read_metrics()] == [40, 80]
   assert train_and_evaluate(tiny(), workdir, fresh=True, mesh=one_device,
                             log=quiet)['status'] == 'done'
 
@@ -341,6 +385,11 @@ def test_train_eval_is_a_fixed_train_subset_evaluated_like_val(tmp_path, one_dev
   assert best['train_eval_accuracy'] == pytest.approx(result['accuracy'], abs=1e-9)
   assert best['train_eval_loss'] == pytest.approx(result['loss'], rel=1e-5)
   assert best['running_train_accuracy'] < best['train_eval_accuracy'] - 0.02
+  # the subset is shaped like val, so it runs val's compiled evaluation (no second compile)
+  eng = engine.Engine(config, data.load(config.data), one_device)
+  val, train_eval = eng.evaluate(state, 'val'), eng.evaluate(state, engine.TRAIN_EVAL)
+  assert eng._eval_split(config.train.eval_tta)._cache_size() == 1
+  assert train_eval['accuracy'] == pytest.approx(result['accuracy'], abs=1e-9)
 
 
 # ---------------------------------------------------------------- a full disk
@@ -370,3 +419,70 @@ def test_a_full_disk_fails_the_run_in_one_line_and_keeps_earlier_checkpoints(
     evaluate.evaluate_checkpoint(workdir, str(step), mesh=one_device)
   assert train_and_evaluate(tiny(), workdir, mesh=one_device, log=quiet)['status'] == 'done'
   assert rows_of(workdir) == rows_of(straight)
+
+
+# ---------------------------------------------------------------- --fresh interrupted
+
+
+def test_an_interrupted_fresh_archive_never_mixes_two_runs(tmp_path, one_device, monkeypatch):
+  workdir = str(tmp_path / 'w')
+  train_and_evaluate(tiny(epochs=2), workdir, mesh=one_device, log=quiet)
+  import shutil
+  real, moved = shutil.move, []
+
+  def dies_after_two(src, dst):   # the process dies half-way through archiving
+    if len(moved) == 2:
+      raise KeyboardInterrupt
+    moved.append(os.path.basename(src))
+    return real(src, dst)
+  monkeypatch.setattr(shutil, 'move', dies_after_two)
+  with pytest.raises(KeyboardInterrupt):
+    train_and_evaluate(tiny(epochs=2), workdir, fresh=True, mesh=one_device, log=quiet)
+  monkeypatch.setattr(shutil, 'move', real)
+  assert 'config.json' not in moved and RunDir(workdir).has_run()   # moved last
+  # A directory with run files but no config.json is never started over.
+  left = [n for n in os.listdir(workdir) if n in ('checkpoints', 'metrics.jsonl', 'tb')]
+  assert left
+  os.remove(os.path.join(workdir, 'config.json'))
+  with pytest.raises(UserError, match='no config.json .*--fresh'):
+    train_and_evaluate(tiny(epochs=2), workdir, mesh=one_device, log=quiet)
+  status = train_and_evaluate(tiny(epochs=2), workdir, fresh=True, mesh=one_device, log=quiet)
+  assert status['status'] == 'done'
+  assert [r['step'] for r in RunDir(workdir).read_metrics()] == [40, 80]   # one run's rows
+
+
+# ---------------------------------------------------------------- sweeps and other holders
+
+
+def test_a_run_that_died_before_its_test_is_tested_by_a_rerun_not_retrained(tmp_path):
+  workdir = str(tmp_path / 'w')
+  train_and_evaluate(tiny(epochs=1), workdir, log=quiet)   # done; the test never ran
+  task = {'arm': 'a', 'seed': 0, 'workdir': workdir, 'config': RunDir(workdir).read_config()}
+  assert runner.pending([task]) == [task]
+  before = RunDir(workdir).read_metrics()
+  result = runner.run_task(task)
+  assert result['status'] == 'done' and 0 < result['test']['accuracy'] <= 1
+  assert RunDir(workdir).read_status()['test'] == result['test']
+  assert RunDir(workdir).read_metrics() == before   # nothing retrained
+  assert runner.pending([task]) == []
+  skipped = {'status': 'done', 'test_skipped': 'no test split'}   # said once, not retried
+  assert not runner._needs_test(skipped)
+
+
+def test_a_failure_never_overwrites_the_status_of_a_run_another_process_holds(tmp_path):
+  workdir = str(tmp_path / 'w')
+  os.makedirs(workdir)
+  RunDir(workdir).set_status('running', step=40)
+  holder = subprocess.Popen(['sleep', '30'])
+  try:
+    with open(os.path.join(workdir, lock.LOCK_FILE), 'w') as f:
+      json.dump({'state': 'running', 'host': socket.gethostname(), 'pid': holder.pid,
+                 'heartbeat': time.time(), 'nonce': 'theirs'}, f)
+    out = runner._failed(workdir, RuntimeError('boom'), quiet, None, True)
+    assert out['status'] == 'held'
+    assert RunDir(workdir).read_status()['status'] == 'running'
+  finally:
+    holder.kill()
+    holder.wait()
+  out = runner._failed(workdir, RuntimeError('boom'), quiet, None, True)   # holder dead
+  assert out['status'] == 'failed' and RunDir(workdir).read_status()['status'] == 'failed'
