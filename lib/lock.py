@@ -9,13 +9,16 @@ A lock is stale, and taken over with a warning, when
   * its heartbeat is older than LEASE_S seconds (a holder on another host that
     died, or a hung one), or
   * it belongs to this process's own SLURM job (a requeued job, after a
-    preemption or time limit, finds the lock of its previous incarnation).
+    preemption or time limit, finds the lock of its previous incarnation: a dead
+    pid on this host, or an earlier SLURM_RESTART_COUNT on another), or
+  * it cannot be parsed and was last written over LEASE_S seconds ago.
 
 A sweep submitted to SLURM places a `queued` lock for each run (no pid; the job
 id), so that rerunning the sweep command while the array waits in the queue does
 not submit the runs twice; the job takes it over when it starts. A queued lock
 stays live while `squeue` still knows the job (or, where squeue cannot be asked,
-for LEASE_S seconds after the last heartbeat).
+for LEASE_S seconds after the last heartbeat). A task that SLURM preempts turns its
+locks back into `queued` ones before it is requeued.
 
 Taking a lock is atomic (a hard link of a complete file, which fails if the lock
 exists); taking over a stale one renames it aside first, so two processes racing
@@ -54,11 +57,20 @@ class LockHeld(UserError):
 
 
 def slurm_job() -> Optional[str]:
-  """This process's SLURM job as squeue names it: ARRAYJOB_TASK for an array task."""
+  """This process's SLURM job as squeue names it: ARRAYJOB_TASK for an array task (or,
+  under submitit's local executor, its local job id: the same requeue path)."""
   array, task = os.environ.get('SLURM_ARRAY_JOB_ID'), os.environ.get('SLURM_ARRAY_TASK_ID')
   if array and task:
     return f'{array}_{task}'
-  return os.environ.get('SLURM_JOB_ID') or None
+  return os.environ.get('SLURM_JOB_ID') or os.environ.get('SUBMITIT_LOCAL_JOB_ID') or None
+
+
+def slurm_restart() -> int:
+  """How many times SLURM has requeued this job (0 for its first run)."""
+  try:
+    return int(os.environ.get('SLURM_RESTART_COUNT', 0))
+  except ValueError:
+    return 0
 
 
 def _record(state: str = 'running', job: Optional[str] = None) -> Dict[str, Any]:
@@ -66,17 +78,26 @@ def _record(state: str = 'running', job: Optional[str] = None) -> Dict[str, Any]
   return {'state': state, 'host': socket.gethostname(),
           'pid': os.getpid() if state == 'running' else None,
           'slurm_job': job if job is not None else slurm_job(),
+          'slurm_restart': slurm_restart(),
           'command': shlex.join(sys.argv), 'since': now, 'heartbeat': now,
           'nonce': uuid.uuid4().hex}
 
 
+def _load(path: str):
+  """(exists, record): (False, None) when there is no lock file, (True, None) when
+  it cannot be read or parsed this instant (being written, a filesystem hiccup)."""
+  try:
+    with open(path) as f:
+      return True, json.load(f)
+  except FileNotFoundError:
+    return False, None
+  except (OSError, ValueError):
+    return True, None
+
+
 def read(directory: str) -> Optional[Dict[str, Any]]:
   """The lock of `directory`, or None (no lock, or one being replaced this instant)."""
-  try:
-    with open(os.path.join(directory, LOCK_FILE)) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
+  return _load(os.path.join(directory, LOCK_FILE))[1]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -114,7 +135,11 @@ def is_mine(lock: Dict[str, Any]) -> bool:
     return False
   if lock.get('state') == 'queued' or lock.get('pid') is None:
     return True
-  return not (same_host and _pid_alive(int(lock['pid'])))
+  if same_host:   # a dead process of this job (a requeue on the same node)
+    return not _pid_alive(int(lock['pid']))
+  # Another node: an earlier incarnation of this job (requeued since), not another
+  # live step of the same allocation.
+  return int(lock.get('slurm_restart') or 0) < slurm_restart()
 
 
 def is_live(lock: Dict[str, Any]) -> bool:
@@ -169,6 +194,14 @@ def _link_new(path: str, record: Dict[str, Any]) -> bool:
     os.remove(tmp)
 
 
+def _age(path: str) -> float:
+  """Seconds since `path` was last written (0 if it is gone)."""
+  try:
+    return time.time() - os.path.getmtime(path)
+  except OSError:
+    return 0.0
+
+
 def _replace(path: str, record: Dict[str, Any]) -> None:
   tmp = f'{path}.{os.getpid()}.{record["nonce"][:8]}.tmp'
   with open(tmp, 'w') as f:
@@ -191,7 +224,11 @@ def _set_aside(path: str, seen: Dict[str, Any]) -> bool:
     moved = {}
   if moved.get('nonce') != seen.get('nonce'):   # a fresh lock: put it back
     try:
-      os.rename(aside, path) if not os.path.exists(path) else os.remove(aside)
+      os.link(aside, path)   # only if nobody made a new one meanwhile
+    except OSError:
+      pass
+    try:
+      os.remove(aside)
     except OSError:
       pass
     return False
@@ -220,7 +257,12 @@ class RunLock:
       if _link_new(self.path, record):
         self.record = record
         break
-      current = read(self.directory)
+      exists, current = _load(self.path)
+      if current is None and exists and _age(self.path) > lease_s():   # unreadable and old
+        if _set_aside(self.path, {}):
+          self.log(f'warning: {self.directory}: took over an unreadable lock file last '
+                   f'written {_age(self.path):.0f} s ago')
+        continue
       if current is None:   # being replaced this instant
         time.sleep(0.05)
         continue
@@ -239,7 +281,9 @@ class RunLock:
         self.log(f'warning: {self.directory}: took over a stale lock ({describe(current)}: '
                  'not running any more)')
     else:
-      raise LockHeld(f'could not take the lock {self.path}: other processes keep taking it')
+      raise LockHeld(f'could not take the lock {self.path}: it is unreadable or other '
+                     f'processes keep taking it (an unreadable lock is taken over once it '
+                     f'is {lease_s():.0f} s old; or remove it)')
     _HELD.append(self)
     self._thread = threading.Thread(target=self._beat, name='run-lock-heartbeat', daemon=True)
     self._thread.start()
@@ -247,33 +291,55 @@ class RunLock:
 
   def _beat(self) -> None:
     while not self._stop.wait(heartbeat_s()):
-      if not self.held():
+      record = self.record
+      if record is None or self._lost() is not None:
         return
       try:
-        _replace(self.path, {**self.record, 'heartbeat': time.time()})
+        if not self._stop.is_set():
+          _replace(self.path, {**record, 'heartbeat': time.time()})
       except OSError:   # a full disk: the next beat tries again
         pass
 
+  def _lost(self) -> Optional[Dict[str, Any]]:
+    """The lock of the process that took this one over, or None while it is ours.
+    Only a readable lock of another holder counts as lost: a read that fails (a
+    filesystem hiccup, a racing takeover's rename in flight) is retried, and a lock
+    file found missing is taken again if nobody else has."""
+    if self.record is None:
+      return None
+    for _ in range(20):
+      exists, current = _load(self.path)
+      if current is not None:
+        return None if current.get('nonce') == self.record['nonce'] else current
+      if not exists and _link_new(self.path, {**self.record, 'heartbeat': time.time()}):
+        return None
+      time.sleep(0.05)
+    return None   # unreadable throughout: no evidence that another process holds it
+
   def held(self) -> bool:
     """Whether the lock file is still ours (nobody took it over)."""
-    current = read(self.directory)
-    return current is not None and self.record is not None and \
-        current.get('nonce') == self.record['nonce']
+    return self.record is not None and self._lost() is None
 
   def check(self) -> None:
     """Raises if another process took the lock over (this one was judged dead)."""
-    if self.record is not None and not self.held():
-      current = read(self.directory)
-      raise LockHeld(f'lost the lock of {self.directory} to '
-                     f'{describe(current) if current else "nobody (it was removed)"}: '
-                     'stopping without writing more')
+    other = self._lost()
+    if other is not None:
+      raise LockHeld(f'lost the lock of {self.directory} to {describe(other)}: stopping '
+                     'without writing more')
+
+  def _stop_beating(self) -> None:
+    self._stop.set()
+    if self._thread is not None and self._thread is not threading.current_thread():
+      self._thread.join(timeout=10)   # a beat under way must not rewrite the file after
+    self._thread = None
 
   def release(self) -> None:
     """Removes the lock if it is still ours (idempotent)."""
-    self._stop.set()
+    self._stop_beating()
     if self.record is None:
       return
-    if self.held():
+    exists, current = _load(self.path)
+    if current is not None and current.get('nonce') == self.record['nonce']:
       try:
         os.remove(self.path)
       except OSError:
@@ -282,11 +348,28 @@ class RunLock:
     if self in _HELD:
       _HELD.remove(self)
 
+  def requeue(self) -> None:
+    """Turns the lock into a `queued` one of this SLURM job (kept while the job waits
+    to run again; its next incarnation takes it over)."""
+    self._stop_beating()
+    if self.record is not None and self._lost() is None:
+      _replace(self.path, _record('queued', slurm_job()))
+    self.record = None
+    if self in _HELD:
+      _HELD.remove(self)
+
 
 def release_all() -> None:
-  """Releases every lock this process holds (at exit, or before a SLURM requeue)."""
+  """Releases every lock this process holds (at exit)."""
   for lock in list(_HELD):
     lock.release()
+
+
+def requeue_all() -> None:
+  """Before a SLURM requeue: every lock this process holds becomes a `queued` lock
+  of its job, so that nobody else trains those runs while the job waits."""
+  for lock in list(_HELD):
+    lock.requeue()
 
 
 atexit.register(release_all)

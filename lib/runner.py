@@ -90,8 +90,20 @@ def read_manifest(workdir: str) -> Optional[Dict[str, Any]]:
     return json.load(f)
 
 
+def _needs_test(status: Dict[str, Any]) -> bool:
+  """A finished run whose test evaluation never happened (the process died between
+  the two): a rerun evaluates it, and trains nothing."""
+  return status.get('status') == 'done' and 'test' not in status and \
+      'test_skipped' not in status
+
+
 def pending(tasks: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
-  return [t for t in tasks if RunDir(t['workdir']).read_status().get('status') not in SKIP]
+  out = []
+  for t in tasks:
+    status = RunDir(t['workdir']).read_status()
+    if status.get('status') not in SKIP or _needs_test(status):
+      out.append(t)
+  return out
 
 
 # ---------------------------------------------------------------- one run, any process
@@ -117,6 +129,9 @@ def _failed(workdir: str, e: Exception, log, log_file, primary: bool) -> Dict[st
   log(f'failed: {reason}')
   if log_file:
     log_file.write(traceback.format_exc())
+  holder = lock_lib.live_holder(workdir)
+  if holder is not None:   # another process trains it now: its status is not ours to set
+    return {'status': 'held', 'reason': f'held by {lock_lib.describe(holder)}'}
   if primary:
     RunDir(workdir).set_status('failed', reason)
   return {'status': 'failed', 'reason': reason}
@@ -228,6 +243,10 @@ def _test(rundir: RunDir, evaluate, status: Dict[str, Any], log, primary: bool):
     result = evaluate.evaluate_checkpoint(rundir.path, 'best', 'test')
   except UserError as e:   # e.g. a dataset without a test split
     log(f'no test evaluation: {e}')
+    if primary:   # said once: a rerun does not try again
+      record = rundir.read_status()
+      record.update(test_skipped=str(e))
+      rundir.set_status(**{k: v for k, v in record.items() if k != 'updated'})
     return status
   log(f'test accuracy of the best checkpoint (step {result["step"]}): {result["accuracy"]:.4f}')
   status = {**status, 'test': result}
@@ -381,6 +400,11 @@ def _worker_died(job, process) -> List[Dict[str, Any]]:
     if ended.get('status') in SKIP:
       out.append({**ended, 'arm': task['arm'], 'seed': task['seed']})
       continue
+    holder = lock_lib.live_holder(task['workdir'])
+    if holder is not None:   # the worker had skipped it: another process trains it
+      out.append({'status': 'held', 'reason': f'held by {lock_lib.describe(holder)}',
+                  'arm': task['arm'], 'seed': task['seed']})
+      continue
     if RunDir(task['workdir']).has_run():
       RunDir(task['workdir']).set_status('failed', reason)
     out.append({'status': 'failed', 'reason': reason, 'arm': task['arm'], 'seed': task['seed']})
@@ -429,8 +453,8 @@ class ArrayTask(submitit.helpers.Checkpointable):
 
   def checkpoint(self, job) -> submitit.helpers.DelayedSubmission:
     # The runs' state is in their checkpoints: requeue the same call. The locks of
-    # this process go with it (its next incarnation takes them over).
-    lock_lib.release_all()
+    # this process become `queued` ones of this job, which its next incarnation takes.
+    lock_lib.requeue_all()
     return submitit.helpers.DelayedSubmission(self, job)
 
 
@@ -473,6 +497,11 @@ def run_submitit(jobs: Sequence, workdir: str, cluster: str,
           ended = RunDir(task['workdir']).read_status()
           if ended.get('status') in SKIP:   # the job failed after this run had ended
             out.append({**ended, 'arm': task['arm'], 'seed': task['seed']})
+            continue
+          holder = lock_lib.live_holder(task['workdir'])
+          if holder is not None:   # trained by another process now: not ours to fail
+            out.append({'status': 'held', 'reason': f'held by {lock_lib.describe(holder)}',
+                        'arm': task['arm'], 'seed': task['seed']})
             continue
           if os.path.isdir(task['workdir']):
             RunDir(task['workdir']).set_status('failed', reason)
