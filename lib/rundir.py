@@ -58,12 +58,20 @@ class RunDir:
     return not fresh
 
   def archive(self) -> str:
+    """Moves the run's files to archive/<time>/. config.json goes last: a kill half-way
+    leaves a directory that still says it holds a run (and --fresh again finishes the
+    move), never run files without their config that a new run would start over."""
     dest = os.path.join(self.archive_dir, timestamp())
     os.makedirs(dest)
-    for name in RUN_FILES:
+    for name in sorted(RUN_FILES, key=lambda n: n == 'config.json'):
       if os.path.exists(os.path.join(self.path, name)):
         shutil.move(os.path.join(self.path, name), os.path.join(dest, name))
     return dest
+
+  def orphans(self) -> List[str]:
+    """Run files present without a config.json (what a new run must not start over)."""
+    return [n for n in RUN_FILES if n != 'config.json' and
+            os.path.exists(os.path.join(self.path, n))] if not self.has_run() else []
 
   def write_config(self, config_dict: Dict[str, Any]) -> None:
     os.makedirs(self.path, exist_ok=True)

@@ -123,8 +123,10 @@ def _train(eng, book: RunBook, log, stop_after_step: Optional[int]) -> Dict[str,
       if stop_after_step is not None and done >= stop_after_step and done < total:
         book.checkpoints.wait()
         raise Preempted(f'stopped after step {done} (stop_after_step)')
+    # Inside the try: the last save's background write may fail here (a full disk),
+    # and the run must then end 'failed', not stay 'running'.
+    return book.finish(total, time.time() - book.run_start)
   except (Exception, KeyboardInterrupt) as e:
     if not isinstance(e, Preempted):
       book.fail(e)
     raise
-  return book.finish(total, time.time() - book.run_start)
