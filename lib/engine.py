@@ -92,7 +92,12 @@ class Engine:
   # ----- data on device -----
   def split_on_device(self, name: str):
     if name not in self._on_device:
-      images, labels = self.dataset.split(name)
+      if name == TRAIN_EVAL:   # its own copy, shaped like val: the same compiled evaluation
+        images, labels = self.dataset.split('train')
+        members = self.dataset.train_eval_indices()
+        images, labels = images[members], labels[members]
+      else:
+        images, labels = self.dataset.split(name)
       self._on_device[name] = (sharding.to_global(images, self.rep),
                                sharding.to_global(labels, self.rep))
     return self._on_device[name]
@@ -173,12 +178,12 @@ class Engine:
 
   def eval_inputs(self, split: str):
     """(images, labels, idx, mask) of a split: its images on device and its fixed
-    padded batches, uploaded once. TRAIN_EVAL gathers its subset from the training
-    images already on device."""
-    images, labels = self.split_on_device('train' if split == TRAIN_EVAL else split)
+    padded batches, uploaded once. TRAIN_EVAL's subset is a split of its own on
+    device, as large as val (where the training split allows): the same shapes, so
+    it runs val's compiled evaluation, not one of its own."""
+    images, labels = self.split_on_device(split)
     if split not in self._eval_batches:
-      members = (self.dataset.train_eval_indices() if split == TRAIN_EVAL
-                 else np.arange(int(labels.shape[0]), dtype=np.int32))
+      members = np.arange(int(labels.shape[0]), dtype=np.int32)
       n = len(members)
       padded = np.arange(-(-n // self.eval_batch) * self.eval_batch).reshape(-1, self.eval_batch)
       mask = padded < n
