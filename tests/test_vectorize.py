@@ -142,23 +142,34 @@ def test_group_equals_separate_runs_arms_by_data_on_four_devices(separate_mlp_ru
     assert_same_metrics(mine, theirs)
 
 
+RESNET_ARMS = [{'augment.resized_crop_scale': 0.5},
+               {'regularize.survival_last': 0.5, 'augment.cutout_size': 3,
+                'regularize.dropout': 0.2, 'regularize.dropout_at': 'conv', 'seed': 2}]
+
+
+@pytest.fixture(scope='module')
+def separate_resnet_runs(tmp_path_factory, devices):
+  """Each of RESNET_ARMS trained alone on one device (shared by both modes below)."""
+  root = tmp_path_factory.mktemp('separate_resnet')
+  dirs = []
+  for i, overrides in enumerate(RESNET_ARMS):
+    dirs.append(str(root / f'alone{i}'))
+    train.train_and_evaluate(tiny_resnet(**overrides), dirs[-1], log=quiet,
+                             mesh=sharding.make_mesh(devices[:1]))
+  return dirs
+
+
 @pytest.mark.parametrize('mode', ['unroll', 'vmap'])
-def test_stochastic_depth_cutout_and_resized_crop_arms_equal_separate_runs(tmp_path, devices,
-                                                                           mode):
-  arms_ = [{'augment.resized_crop_scale': 0.5},
-           {'regularize.survival_last': 0.5, 'augment.cutout_size': 3,
-            'regularize.dropout': 0.2, 'regularize.dropout_at': 'conv', 'seed': 2}]
+def test_stochastic_depth_cutout_and_resized_crop_arms_equal_separate_runs(
+    separate_resnet_runs, tmp_path, devices, mode):
   one = devices[:1]   # convolutions on simulated CPU devices are slow
   group = [str(tmp_path / f'g{i}') for i in range(2)]
   lines = []
-  group_train.train_group([tiny_resnet(**o) for o in arms_], group, log=lines.append,
+  group_train.train_group([tiny_resnet(**o) for o in RESNET_ARMS], group, log=lines.append,
                           devices=one, mode=mode)
   assert f'as one program ({mode};' in lines[0]
-  for i, overrides in enumerate(arms_):
-    alone = str(tmp_path / f'alone{i}')
-    train.train_and_evaluate(tiny_resnet(**overrides), alone, log=quiet,
-                             mesh=sharding.make_mesh(one))
-    assert_same_metrics(group[i], alone)
+  for mine, alone in zip(group, separate_resnet_runs):
+    assert_same_metrics(mine, alone)
 
 
 # ---------------------------------------------------------------- resume
