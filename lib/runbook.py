@@ -90,11 +90,12 @@ class RunBook:
       self.log(f'{self.workdir} already finished (stopped early at step '
                f'{self.previous["step"]})')
       return self.previous
-    if self.latest is not None and self.latest >= total_steps:   # nothing to restore for
+    if self.latest is not None and self.latest >= total_steps and \
+        self.previous.get('status') == 'done':   # nothing to restore for
       self.log(f'{self.workdir} already finished ({total_steps} steps)')
-      if self.previous.get('status') == 'done':
-        return self.previous
-      return self.finish(total_steps)
+      return self.previous
+    # Trained to the end but killed before it was marked done: the final checkpoint is
+    # restored like any other (an unreadable one falls back), then the run finishes.
     return None
 
   def _lock(self) -> None:

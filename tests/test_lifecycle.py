@@ -283,6 +283,23 @@ def test_a_corrupt_latest_checkpoint_is_archived_and_the_previous_one_resumes(
 
 
 @quiet_failed_restore
+def test_a_run_killed_after_its_final_save_with_that_save_unreadable_retrains_the_end(
+    tmp_path, straight, one_device):
+  workdir = str(tmp_path / 'w')
+  train_and_evaluate(tiny(), workdir, mesh=one_device, log=quiet)
+  RunDir(workdir).set_status('running', step=120)   # killed before it was marked done
+  _truncate_largest_file(os.path.join(workdir, 'checkpoints', '120'))
+  lines = []
+  status = train_and_evaluate(tiny(), workdir, mesh=one_device, log=lines.append)
+  assert status['status'] == 'done'
+  assert any('checkpoint at step 120 does not restore' in l for l in lines)
+  assert rows_of(workdir) == rows_of(straight)
+  restored = Checkpoints(os.path.join(workdir, 'checkpoints'), read_only=True)
+  assert restored.latest_step() == 120 and restored.steps() == sorted(
+      Checkpoints(os.path.join(straight, 'checkpoints'), read_only=True).steps())
+
+
+@quiet_failed_restore
 def test_no_valid_checkpoint_fails_the_run_and_keeps_everything(tmp_path, one_device):
   workdir = str(tmp_path / 'w')
   with pytest.raises(Preempted):
