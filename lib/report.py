@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from lib.errors import UserError
+from lib import lock as lock_lib
 from lib.rundir import RunDir
 from lib import runner
 
@@ -135,9 +136,12 @@ def results(workdir: str) -> Tuple[Optional[Dict[str, Any]], List[Dict[str, Any]
     metrics = rd.read_metrics()
     last = metrics[-1] if metrics else {}
     best = status.get('best_step')
+    state = status.get('status', 'pending' if not rd.has_run() else 'running')
+    if state == 'running' and lock_lib.live_holder(run['workdir']) is None:
+      state = 'interrupted'   # nobody trains it now: rerunning the sweep resumes it
     row = {
         'arm': run['arm'], 'seed': run['seed'], 'stage': run['stage'],
-        'status': status.get('status', 'pending' if not rd.has_run() else 'running'),
+        'status': state,
         'overrides': '; '.join(f'{k}={v}' for k, v in run['overrides'].items()),
         'best_val_accuracy': status.get('best_val_accuracy', NAN),
         'final_val_accuracy': status.get('final_val_accuracy', NAN),

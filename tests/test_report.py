@@ -1,10 +1,14 @@
 """The report's statistics and wording, on synthetic rows: no training."""
+import json
 import math
 import os
+import socket
+import subprocess
+import time
 
 import pytest
 
-from lib import report
+from lib import lock, report
 from lib.rundir import RunDir
 
 NAN = float('nan')
@@ -133,3 +137,20 @@ def test_gap_is_train_eval_minus_val_at_the_last_evaluation(tmp_path):
   assert key == 'train_eval_accuracy' and 'eval mode' in title
   key, title = report._train_curve([by['new']['_curve'], by['old']['_curve']])
   assert key in ('running_train_accuracy', 'train_accuracy') and 'running' in title
+
+
+def test_a_run_left_running_by_a_killed_process_reads_interrupted(tmp_path):
+  run = tmp_path / 'a' / 'seed_0'
+  rd = RunDir(str(run))
+  rd.write_config({'seed': 0})
+  rd.set_status('running', step=40)
+  assert report.results(str(tmp_path))[1][0]['status'] == 'interrupted'   # nobody holds it
+  holder = subprocess.Popen(['sleep', '30'])
+  try:
+    with open(run / lock.LOCK_FILE, 'w') as f:
+      json.dump({'state': 'running', 'host': socket.gethostname(), 'pid': holder.pid,
+                  'heartbeat': time.time(), 'nonce': 'n'}, f)
+    assert report.results(str(tmp_path))[1][0]['status'] == 'running'
+  finally:
+    holder.kill()
+    holder.wait()
