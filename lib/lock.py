@@ -110,9 +110,14 @@ def _pid_alive(pid: int) -> bool:
   return True
 
 
+# squeue states of a job that has ended or is ending (it will not run the task again).
+_ENDED = {'BOOT_FAIL', 'CANCELLED', 'COMPLETED', 'COMPLETING', 'DEADLINE', 'FAILED',
+          'NODE_FAIL', 'OUT_OF_MEMORY', 'PREEMPTED', 'SPECIAL_EXIT', 'STOPPED', 'TIMEOUT'}
+
+
 def _slurm_job_active(job: str) -> Optional[bool]:
-  """Whether squeue still lists `job` (pending, running, requeued...); None if
-  squeue cannot be asked."""
+  """Whether squeue lists `job` in a state that will still run it (pending, running,
+  requeued, suspended...); None if squeue cannot be asked."""
   try:
     out = subprocess.run(['squeue', '-h', '-j', job, '-o', '%T'], capture_output=True,
                          text=True, timeout=30)
@@ -120,7 +125,7 @@ def _slurm_job_active(job: str) -> Optional[bool]:
     return None
   if out.returncode != 0:
     return False if 'Invalid job id' in out.stderr else None
-  return bool(out.stdout.strip())
+  return any(state not in _ENDED for state in out.stdout.split())
 
 
 def is_mine(lock: Dict[str, Any]) -> bool:
@@ -172,7 +177,7 @@ def live_holder(directory: str) -> Optional[Dict[str, Any]]:
 
 def _link_new(path: str, record: Dict[str, Any]) -> bool:
   """Creates `path` holding `record`, atomically and only if it does not exist."""
-  tmp = f'{path}.{os.getpid()}.{record["nonce"][:8]}.tmp'
+  tmp = f'{path}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp'   # unique: threads may race
   with open(tmp, 'w') as f:
     json.dump(record, f)
   try:
@@ -203,7 +208,7 @@ def _age(path: str) -> float:
 
 
 def _replace(path: str, record: Dict[str, Any]) -> None:
-  tmp = f'{path}.{os.getpid()}.{record["nonce"][:8]}.tmp'
+  tmp = f'{path}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp'   # unique: threads may race
   with open(tmp, 'w') as f:
     json.dump(record, f)
   os.replace(tmp, path)
@@ -225,8 +230,12 @@ def _set_aside(path: str, seen: Dict[str, Any]) -> bool:
   if moved.get('nonce') != seen.get('nonce'):   # a fresh lock: put it back
     try:
       os.link(aside, path)   # only if nobody made a new one meanwhile
-    except OSError:
+    except FileExistsError:
       pass
+    except OSError:   # a filesystem without hard links
+      if not os.path.exists(path):
+        os.rename(aside, path)
+        return False
     try:
       os.remove(aside)
     except OSError:
@@ -258,10 +267,11 @@ class RunLock:
         self.record = record
         break
       exists, current = _load(self.path)
-      if current is None and exists and _age(self.path) > lease_s():   # unreadable and old
+      age = _age(self.path)
+      if current is None and exists and age > lease_s():   # unreadable and old
         if _set_aside(self.path, {}):
           self.log(f'warning: {self.directory}: took over an unreadable lock file last '
-                   f'written {_age(self.path):.0f} s ago')
+                   f'written {age:.0f} s ago')
         continue
       if current is None:   # being replaced this instant
         time.sleep(0.05)
@@ -292,12 +302,12 @@ class RunLock:
   def _beat(self) -> None:
     while not self._stop.wait(heartbeat_s()):
       record = self.record
-      if record is None or self._lost() is not None:
-        return
       try:
+        if record is None or self._lost() is not None:
+          return
         if not self._stop.is_set():
           _replace(self.path, {**record, 'heartbeat': time.time()})
-      except OSError:   # a full disk: the next beat tries again
+      except OSError:   # a full disk, a filesystem hiccup: the next beat tries again
         pass
 
   def _lost(self) -> Optional[Dict[str, Any]]:
@@ -379,6 +389,16 @@ def place_queued(directory: str, job: str) -> bool:
   """A `queued` lock for a run submitted as SLURM job `job`, unless a lock exists."""
   os.makedirs(directory, exist_ok=True)
   return _link_new(os.path.join(directory, LOCK_FILE), _record('queued', job))
+
+
+def remove_if_job(directory: str, job: str) -> None:
+  """Removes the lock of SLURM job `job`, known to have ended (its scheduler said so)."""
+  lock = read(directory)
+  if lock and lock.get('slurm_job') == job:
+    try:
+      os.remove(os.path.join(directory, LOCK_FILE))
+    except OSError:
+      pass
 
 
 def remove_if_pid(directory: str, pid: int) -> None:

@@ -69,8 +69,10 @@ class RunDir:
     return dest
 
   def orphans(self) -> List[str]:
-    """Run files present without a config.json (what a new run must not start over)."""
-    return [n for n in RUN_FILES if n != 'config.json' and
+    """Run files present without a config.json (what a new run must not start over).
+    A status.json alone is not one: a run that failed before it started (its data
+    missing, say) records that, and a rerun simply starts."""
+    return [n for n in RUN_FILES if n not in ('config.json', 'status.json') and
             os.path.exists(os.path.join(self.path, n))] if not self.has_run() else []
 
   def write_config(self, config_dict: Dict[str, Any]) -> None:

@@ -243,7 +243,7 @@ def _test(rundir: RunDir, evaluate, status: Dict[str, Any], log, primary: bool):
     result = evaluate.evaluate_checkpoint(rundir.path, 'best', 'test')
   except UserError as e:   # e.g. a dataset without a test split
     log(f'no test evaluation: {e}')
-    if primary:   # said once: a rerun does not try again
+    if primary and 'no test split' in str(e):   # said once: a rerun does not try again
       record = rundir.read_status()
       record.update(test_skipped=str(e))
       rundir.set_status(**{k: v for k, v in record.items() if k != 'updated'})
@@ -498,6 +498,7 @@ def run_submitit(jobs: Sequence, workdir: str, cluster: str,
           if ended.get('status') in SKIP:   # the job failed after this run had ended
             out.append({**ended, 'arm': task['arm'], 'seed': task['seed']})
             continue
+          lock_lib.remove_if_job(task['workdir'], array_task.job_id)   # the ended job's own
           holder = lock_lib.live_holder(task['workdir'])
           if holder is not None:   # trained by another process now: not ours to fail
             out.append({'status': 'held', 'reason': f'held by {lock_lib.describe(holder)}',

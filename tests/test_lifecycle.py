@@ -503,3 +503,26 @@ def test_a_failure_never_overwrites_the_status_of_a_run_another_process_holds(tm
     holder.wait()
   out = runner._failed(workdir, RuntimeError('boom'), quiet, None, True)   # holder dead
   assert out['status'] == 'failed' and RunDir(workdir).read_status()['status'] == 'failed'
+
+
+def test_a_run_that_failed_before_it_started_is_not_refused(tmp_path, one_device):
+  workdir = str(tmp_path / 'w')
+  os.makedirs(workdir)
+  RunDir(workdir).set_status('failed', 'no data at /mnt/x')   # what a sweep records then
+  status = train_and_evaluate(tiny(epochs=1), workdir, mesh=one_device, log=quiet)
+  assert status['status'] == 'done'
+
+
+def test_a_queued_lock_is_live_only_while_squeue_says_the_job_will_run(monkeypatch):
+  def squeue(states):
+    def run(*args, **kwargs):
+      return subprocess.CompletedProcess(args, 0, stdout=states, stderr='')
+    monkeypatch.setattr(lock.subprocess, 'run', run)
+  squeue('PENDING\n')
+  assert lock._slurm_job_active('7_1') is True
+  squeue('REQUEUED\n')
+  assert lock._slurm_job_active('7_1') is True
+  squeue('COMPLETING\n')   # ending: not a holder any more
+  assert lock._slurm_job_active('7_1') is False
+  squeue('')
+  assert lock._slurm_job_active('7_1') is False
