@@ -251,11 +251,22 @@ def _train_program(eng: ve.VectorEngine, books: Sequence[RunBook], log, stop_aft
         arm_state = eng.arm_state(state, i)
       if books[i].config.train.tb_histograms:
         histograms = (jax.device_get(arm_state.params), eng.base.activations(arm_state))
-      row = books[i].log_eval(done, spe, losses[i], accs[i], vals[i], train_evals[i], lrs[i],
-                              speed, histograms)
-      if i in save:
-        books[i].save(row, arm_state, meta_base)
-      del arm_state
+      try:
+        row = books[i].log_eval(done, spe, losses[i], accs[i], vals[i], train_evals[i],
+                                lrs[i], speed, histograms)
+        if i in save:
+          books[i].save(row, arm_state, meta_base)
+      except lock_lib.LockHeld as e:
+        if jax.process_count() > 1:   # only process 0 checks locks: end together
+          raise
+        # Another process took this arm's run over: it stops here, writing nothing
+        # more (its run is the other process's now); the other arms go on.
+        books[i].log(f'stopped: {e}')
+        books[i].close_writer()
+        finished[i] = {'status': 'held', 'reason': str(e)}
+        continue
+      finally:
+        del arm_state
       status = books[i].stop_early(done, vals[i]['accuracy'])
       if status is not None:
         finished[i] = status

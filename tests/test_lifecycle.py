@@ -526,3 +526,23 @@ def test_a_queued_lock_is_live_only_while_squeue_says_the_job_will_run(monkeypat
   assert lock._slurm_job_active('7_1') is False
   squeue('')
   assert lock._slurm_job_active('7_1') is False
+
+
+def test_an_arm_taken_over_stops_alone_and_the_other_arms_finish(tmp_path, monkeypatch):
+  dirs = [str(tmp_path / f'arm{i}') for i in range(2)]
+  real = RunDir.append_metrics
+
+  def steal_arm0_after_its_first_row(self, row):
+    real(self, row)
+    if self.path == dirs[0]:   # another process takes arm 0's run over
+      with open(os.path.join(dirs[0], lock.LOCK_FILE), 'w') as f:
+        json.dump({'state': 'running', 'host': 'other', 'pid': 1, 'nonce': 'theirs',
+                   'heartbeat': time.time()}, f)
+  monkeypatch.setattr(RunDir, 'append_metrics', steal_arm0_after_its_first_row)
+  statuses = group_train.train_group([tiny(epochs=2, seed=s) for s in (0, 1)], dirs, log=quiet,
+                                     devices=jax.devices()[:1])
+  assert statuses[0]['status'] == 'held' and 'lost the lock' in statuses[0]['reason']
+  assert [r['step'] for r in RunDir(dirs[0]).read_metrics()] == [40]   # nothing more written
+  assert lock.read(dirs[0])['nonce'] == 'theirs'
+  assert statuses[1]['status'] == 'done'
+  assert [r['step'] for r in RunDir(dirs[1]).read_metrics()] == [40, 80]
