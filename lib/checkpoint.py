@@ -52,6 +52,23 @@ def _quiet_closed_loop_callbacks() -> None:
   sys.unraisablehook = hook
 
 
+def _everywhere(ok: bool) -> bool:
+  """Whether `ok` holds on every process (one process: `ok`)."""
+  import jax
+  if jax.process_count() == 1:
+    return ok
+  import numpy as np
+  from jax.experimental import multihost_utils
+  return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def _sync(name: str) -> None:
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 def _best_metric(metrics):
   return metrics[BEST_METRIC]
 
@@ -130,11 +147,16 @@ class Checkpoints:
     failed = []
     _quiet_closed_loop_callbacks()
     for step in reversed(self.steps()):
+      reason = 'it failed to restore on another process'
       try:
         state, meta = self.restore(step, abstract_state)
+        ok = True
       except Exception as e:   # noqa: BLE001 - judged below, once an older one restores
         text = str(e).strip()
-        failed.append((step, f'{type(e).__name__}: {text.splitlines()[0] if text else ""}'[:200]))
+        reason = f'{type(e).__name__}: {text.splitlines()[0] if text else ""}'[:200]
+        ok = False
+      if not _everywhere(ok):   # every process resumes from the same step
+        failed.append((step, reason))
         continue
       for bad, reason in failed:
         dest = os.path.join(archive_dir, f'checkpoint-{bad}-{timestamp()}')
@@ -144,6 +166,7 @@ class Checkpoints:
         log(f'warning: checkpoint at step {bad} does not restore ({reason}); moved it to '
             f'{dest}; resuming from step {step}, the one before')
       if failed:
+        _sync('bad checkpoints archived')   # by the primary, before anyone reloads
         self.manager.reload()
       return step, state, meta
     if failed:

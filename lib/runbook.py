@@ -113,6 +113,22 @@ class RunBook:
     if error:
       raise lock_lib.LockHeld(error)
 
+  def _check_lock(self) -> None:
+    """Raises LockHeld, on every process together, if another process took the run
+    over (only process 0 holds the lock of a multi-host run)."""
+    error = ''
+    if self.lock is not None:
+      try:
+        self.lock.check()
+      except lock_lib.LockHeld as e:
+        error = str(e)
+    if jax.process_count() > 1:
+      lost = multihost_utils.broadcast_one_to_all(np.int32(bool(error)))
+      if int(lost) and not error:
+        error = f'{self.workdir}: process 0 lost the run\'s lock; stopping without writing more'
+    if error:
+      raise lock_lib.LockHeld(error)
+
   def restore(self, abstract_state):
     """The state of the latest checkpoint that restores (onto `abstract_state`'s
     sharding), or None when the run starts from scratch. A checkpoint that fails to
@@ -168,8 +184,7 @@ class RunBook:
            'wall_time': self.wall_offset + time.time() - self.run_start}
     self.log(f'  eval step {done}: val_loss {val["loss"]:.4f} val_accuracy {val["accuracy"]:.4f}'
              f' | train_eval_accuracy {train_eval["accuracy"]:.4f}')
-    if self.lock is not None:
-      self.lock.check()   # another process took the run over: write nothing more
+    self._check_lock()   # another process took the run over: write nothing more
     if self.primary:
       self.writer.write(row)
       if histograms is not None:
@@ -192,8 +207,7 @@ class RunBook:
 
   def save(self, row: Dict[str, Any], state, meta_base: Dict[str, Any]) -> None:
     """The checkpoint of `state` at row['step'] (every process takes part)."""
-    if self.lock is not None:
-      self.lock.check()
+    self._check_lock()
     self.checkpoints.save(row['step'], state,
                           {**meta_base, 'step': row['step'], 'epoch': row['epoch'],
                            'wall_time': row['wall_time']},
