@@ -63,6 +63,7 @@ class RunBook:
     if self.previous.get('status') == 'diverged':
       how = f'diverged ({self.previous.get("reason", "")}); rerunning it would diverge again'
     elif self.previous.get('status') == 'failed' and self.previous.get('unrecoverable'):
+      # written by an earlier version, which archived every checkpoint that failed
       how = f'cannot be resumed ({self.previous.get("reason", "")})'
     if how:
       raise UserError(f'{self.workdir} {how}: pass --fresh to archive it and start over, or '
