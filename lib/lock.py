@@ -175,11 +175,17 @@ def live_holder(directory: str) -> Optional[Dict[str, Any]]:
   return lock
 
 
-def _link_new(path: str, record: Dict[str, Any]) -> bool:
-  """Creates `path` holding `record`, atomically and only if it does not exist."""
-  tmp = f'{path}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp'   # unique: threads may race
+def _write_tmp(path: str, record: Dict[str, Any]) -> str:
+  """`record` in a temporary file beside `path`, named uniquely (threads may race)."""
+  tmp = f'{path}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp'
   with open(tmp, 'w') as f:
     json.dump(record, f)
+  return tmp
+
+
+def _link_new(path: str, record: Dict[str, Any]) -> bool:
+  """Creates `path` holding `record`, atomically and only if it does not exist."""
+  tmp = _write_tmp(path, record)
   try:
     os.link(tmp, path)
     return True
@@ -208,10 +214,7 @@ def _age(path: str) -> float:
 
 
 def _replace(path: str, record: Dict[str, Any]) -> None:
-  tmp = f'{path}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp'   # unique: threads may race
-  with open(tmp, 'w') as f:
-    json.dump(record, f)
-  os.replace(tmp, path)
+  os.replace(_write_tmp(path, record), path)
 
 
 def _set_aside(path: str, seen: Dict[str, Any]) -> bool:
@@ -391,20 +394,14 @@ def place_queued(directory: str, job: str) -> bool:
   return _link_new(os.path.join(directory, LOCK_FILE), _record('queued', job))
 
 
-def remove_if_job(directory: str, job: str) -> None:
-  """Removes the lock of SLURM job `job`, known to have ended (its scheduler said so)."""
+def remove_dead(directory: str, pid: Optional[int] = None, job: Optional[str] = None) -> None:
+  """Removes the lock of a holder known to have ended: the worker process `pid` on
+  this host (its parent saw it die), or SLURM job `job` (its scheduler said so)."""
   lock = read(directory)
-  if lock and lock.get('slurm_job') == job:
-    try:
-      os.remove(os.path.join(directory, LOCK_FILE))
-    except OSError:
-      pass
-
-
-def remove_if_pid(directory: str, pid: int) -> None:
-  """Removes the lock of a worker process known to be dead (the parent saw it die)."""
-  lock = read(directory)
-  if lock and lock.get('pid') == pid and lock.get('host') == socket.gethostname():
+  if lock is None:
+    return
+  if (pid is not None and lock.get('pid') == pid and lock.get('host') == socket.gethostname()) \
+      or (job is not None and lock.get('slurm_job') == job):
     try:
       os.remove(os.path.join(directory, LOCK_FILE))
     except OSError:

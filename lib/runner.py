@@ -129,12 +129,32 @@ def _failed(workdir: str, e: Exception, log, log_file, primary: bool) -> Dict[st
   log(f'failed: {reason}')
   if log_file:
     log_file.write(traceback.format_exc())
+  return _record_failure(workdir, reason, primary)
+
+
+def _record_failure(workdir: str, reason: str, primary: bool = True) -> Dict[str, Any]:
+  """Marks a run failed, unless another live process holds it now: its status is
+  then not ours to set (the result says 'held')."""
   holder = lock_lib.live_holder(workdir)
-  if holder is not None:   # another process trains it now: its status is not ours to set
+  if holder is not None:
     return {'status': 'held', 'reason': f'held by {lock_lib.describe(holder)}'}
-  if primary:
+  if primary and os.path.isdir(workdir):
     RunDir(workdir).set_status('failed', reason)
   return {'status': 'failed', 'reason': reason}
+
+
+def _job_lost(job, reason: str, pid: Optional[int] = None,
+              slurm_job: Optional[str] = None) -> List[Dict[str, Any]]:
+  """The results of a job whose process ended without sending them (a dead worker,
+  a failed array task): its own lock is removed, runs that had ended keep their
+  status, the others fail with `reason` (unless another process holds them)."""
+  out = []
+  for task in _job_tasks(job):
+    lock_lib.remove_dead(task['workdir'], pid=pid, job=slurm_job)
+    ended = RunDir(task['workdir']).read_status()
+    result = ended if ended.get('status') in SKIP else _record_failure(task['workdir'], reason)
+    out.append({**result, 'arm': task['arm'], 'seed': task['seed']})
+  return out
 
 
 def run_task(task: Dict[str, Any]) -> Dict[str, Any]:
@@ -393,22 +413,7 @@ def _worker_died(job, process) -> List[Dict[str, Any]]:
     reason = f'worker died: signal {-code}{name}'
   else:
     reason = f'worker died: exit code {code}'
-  out = []
-  for task in _job_tasks(job):
-    lock_lib.remove_if_pid(task['workdir'], process.pid)   # the lock of the dead worker
-    ended = RunDir(task['workdir']).read_status()
-    if ended.get('status') in SKIP:
-      out.append({**ended, 'arm': task['arm'], 'seed': task['seed']})
-      continue
-    holder = lock_lib.live_holder(task['workdir'])
-    if holder is not None:   # the worker had skipped it: another process trains it
-      out.append({'status': 'held', 'reason': f'held by {lock_lib.describe(holder)}',
-                  'arm': task['arm'], 'seed': task['seed']})
-      continue
-    if RunDir(task['workdir']).has_run():
-      RunDir(task['workdir']).set_status('failed', reason)
-    out.append({'status': 'failed', 'reason': reason, 'arm': task['arm'], 'seed': task['seed']})
-  return out
+  return _job_lost(job, reason, pid=process.pid)
 
 
 def _device_groups(parallel: int) -> List[Optional[str]]:
@@ -492,22 +497,7 @@ def run_submitit(jobs: Sequence, workdir: str, cluster: str,
         out = array_task.result()
       except Exception as e:   # the job failed outside run_task (killed, timed out, ...)
         reason = f'{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ""}'
-        out = []
-        for task in _job_tasks(job):
-          ended = RunDir(task['workdir']).read_status()
-          if ended.get('status') in SKIP:   # the job failed after this run had ended
-            out.append({**ended, 'arm': task['arm'], 'seed': task['seed']})
-            continue
-          lock_lib.remove_if_job(task['workdir'], array_task.job_id)   # the ended job's own
-          holder = lock_lib.live_holder(task['workdir'])
-          if holder is not None:   # trained by another process now: not ours to fail
-            out.append({'status': 'held', 'reason': f'held by {lock_lib.describe(holder)}',
-                        'arm': task['arm'], 'seed': task['seed']})
-            continue
-          if os.path.isdir(task['workdir']):
-            RunDir(task['workdir']).set_status('failed', reason)
-          out.append({'status': 'failed', 'reason': reason, 'arm': task['arm'],
-                      'seed': task['seed']})
+        out = _job_lost(job, reason, slurm_job=array_task.job_id)
       for result in out:
         progress.finished(result)
         results.append(result)
