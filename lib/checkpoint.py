@@ -21,7 +21,10 @@ import shutil
 import sys
 from typing import Any, Callable, Dict, Optional, Tuple
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from lib import faults
@@ -54,18 +57,13 @@ def _quiet_closed_loop_callbacks() -> None:
 
 def _everywhere(ok: bool) -> bool:
   """Whether `ok` holds on every process (one process: `ok`)."""
-  import jax
   if jax.process_count() == 1:
     return ok
-  import numpy as np
-  from jax.experimental import multihost_utils
   return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def _sync(name: str) -> None:
-  import jax
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
 
 

@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from lib import config as config_lib
 from lib import lock as lock_lib
 from lib import provenance
-from lib.checkpoint import Checkpoints, NoValidCheckpoint
+from lib.checkpoint import Checkpoints
 from lib.errors import UserError, failure_reason
 from lib.metrics import MetricsWriter, echo, format_duration
 from lib.rundir import RunDir
@@ -107,26 +107,26 @@ class RunBook:
         self.lock = lock_lib.RunLock(self.workdir, self.log).acquire()
       except lock_lib.LockHeld as e:
         error = str(e)
-    if jax.process_count() > 1:
-      held = multihost_utils.broadcast_one_to_all(np.int32(bool(error)))
-      if int(held) and not error:
-        error = f'{self.workdir} is being trained by another process (see process 0)'
-    if error:
-      raise lock_lib.LockHeld(error)
+    self._raise_together(error, f'{self.workdir} is being trained by another process (see '
+                                'process 0)')
 
   def _check_lock(self) -> None:
-    """Raises LockHeld, on every process together, if another process took the run
-    over (only process 0 holds the lock of a multi-host run)."""
+    """Raises LockHeld if another process took the run over (this one writes nothing more)."""
     error = ''
     if self.lock is not None:
       try:
         self.lock.check()
       except lock_lib.LockHeld as e:
         error = str(e)
+    self._raise_together(error, f'{self.workdir}: process 0 lost the run\'s lock; stopping '
+                                'without writing more')
+
+  def _raise_together(self, error: str, elsewhere: str) -> None:
+    """Raises LockHeld(error) on every process at once: only process 0 holds the lock
+    of a multi-host run, so it says whether all must stop (`elsewhere`, on the others)."""
     if jax.process_count() > 1:
-      lost = multihost_utils.broadcast_one_to_all(np.int32(bool(error)))
-      if int(lost) and not error:
-        error = f'{self.workdir}: process 0 lost the run\'s lock; stopping without writing more'
+      if int(multihost_utils.broadcast_one_to_all(np.int32(bool(error)))) and not error:
+        error = elsewhere
     if error:
       raise lock_lib.LockHeld(error)
 
