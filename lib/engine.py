@@ -12,8 +12,8 @@ import numpy as np
 from lib import models, optim, sharding, steps
 from lib.errors import UserError
 
-# The evaluation split of a fixed training subset (Dataset.train_eval_indices): the
-# training images on device, gathered by those indices.
+# The evaluation split of a fixed training subset (Dataset.train_eval_indices), kept
+# on device as a split of its own.
 TRAIN_EVAL = 'train_eval'
 
 
@@ -183,11 +183,10 @@ class Engine:
     it runs val's compiled evaluation, not one of its own."""
     images, labels = self.split_on_device(split)
     if split not in self._eval_batches:
-      members = np.arange(int(labels.shape[0]), dtype=np.int32)
-      n = len(members)
+      n = int(labels.shape[0])
       padded = np.arange(-(-n // self.eval_batch) * self.eval_batch).reshape(-1, self.eval_batch)
       mask = padded < n
-      idx = np.where(mask, members[np.minimum(padded, n - 1)], 0).astype(np.int32)
+      idx = np.where(mask, padded, 0).astype(np.int32)
       rows = sharding.sharded_along(self.mesh, 2, axis=1)
       self._eval_batches[split] = (sharding.to_global(idx, rows), sharding.to_global(mask, rows))
     return (images, labels) + self._eval_batches[split]
