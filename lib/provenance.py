@@ -18,7 +18,7 @@ import time
 from importlib import metadata
 from typing import Any, Callable, Dict, List, Optional
 
-from lib.rundir import RunDir, write_json
+from lib.rundir import RunDir, timestamp, write_json
 
 PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy', 'ml-collections')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,8 +88,12 @@ def record(rundir: RunDir, start_step: int, resume: bool, log: Callable[[str], N
     try:
       with open(rundir.provenance_path) as f:
         sessions = json.load(f).get('sessions', [])
-    except (OSError, ValueError):
-      log(f'warning: {rundir.provenance_path} is unreadable; starting a new one')
+    except (OSError, ValueError):   # kept, never overwritten: moved to the archive
+      os.makedirs(rundir.archive_dir, exist_ok=True)
+      dest = os.path.join(rundir.archive_dir, f'provenance-{timestamp()}.json')
+      os.replace(rundir.provenance_path, dest)
+      log(f'warning: {rundir.provenance_path} is unreadable; moved it to {dest} and '
+          'started a new one')
   if sessions:
     changed = differences(sessions[-1], new)
     if changed:

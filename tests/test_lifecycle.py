@@ -13,7 +13,6 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import quickstart
 from lib import (data, engine, evaluate, group_train, lock, provenance, runner, sharding,
                  train)
 from lib import vector_engine as ve
@@ -22,18 +21,14 @@ from lib.config import resolve
 from lib.errors import UserError
 from lib.rundir import RunDir
 from lib.train import Preempted, train_and_evaluate
+from conftest import quickstart_mlp
 
 quiet = lambda message: None
 TIMINGS = ('examples_per_sec', 'wall_time')
 
 
 def tiny(epochs=3, **overrides):
-  c = quickstart.get_config()
-  c.model.width = 64
-  c.train.epochs = epochs
-  c.train.log_every = 1000
-  c.update_from_flattened_dict(overrides)
-  return c
+  return quickstart_mlp(epochs, **overrides)
 
 
 @pytest.fixture(scope='module')
@@ -375,6 +370,21 @@ def test_provenance_records_the_code_and_a_changed_resume_warns(tmp_path, one_de
   with open(rd.provenance_path) as f:
     sessions = json.load(f)['sessions']
   assert len(sessions) == 2 and sessions[1]['start_step'] == 40
+
+
+def test_an_unreadable_provenance_file_is_archived_not_overwritten(tmp_path):
+  rd = RunDir(str(tmp_path))
+  with open(rd.provenance_path, 'w') as f:
+    f.write('{"sessions": [{"git_comm')   # damaged
+  lines = []
+  provenance.record(rd, 40, True, lines.append)
+  archived = os.listdir(rd.archive_dir)
+  assert len(archived) == 1 and archived[0].startswith('provenance-')
+  with open(os.path.join(rd.archive_dir, archived[0])) as f:
+    assert f.read() == '{"sessions": [{"git_comm'
+  with open(rd.provenance_path) as f:
+    assert [s['start_step'] for s in json.load(f)['sessions']] == [40]
+  assert any('unreadable; moved it to' in l for l in lines)
 
 
 # ---------------------------------------------------------------- item 11: train_eval
