@@ -32,10 +32,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from lib.errors import UserError
 from lib import lock as lock_lib
-from lib.rundir import RunDir
 from lib import runner
+from lib.errors import UserError
+from lib.rundir import RunDir
 
 COLUMNS = ('arm', 'seed', 'stage', 'status', 'overrides', 'best_val_accuracy',
            'final_val_accuracy', 'test_accuracy', 'train_val_gap', 'best_step', 'steps',

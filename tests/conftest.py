@@ -27,3 +27,15 @@ def devices():
   d = jax.devices()
   assert len(d) == 4, 'tests expect 4 CPU devices (see conftest.py)'
   return d
+
+
+def quickstart_mlp(epochs: int, **overrides):
+  """The quickstart MLP on digits, 64 wide, for `epochs` epochs (flattened overrides:
+  {'regularize.dropout': 0.2, 'seed': 1}). Import it with `from conftest import ...`."""
+  from experiments import quickstart
+  c = quickstart.get_config()
+  c.model.width = 64
+  c.train.epochs = epochs
+  c.train.log_every = 1000
+  c.update_from_flattened_dict(overrides)
+  return c

@@ -15,6 +15,7 @@ from lib import sweep as sweep_lib
 from lib import vector_engine as ve
 from lib.errors import UserError
 from lib.rundir import RunDir
+from conftest import quickstart_mlp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DETERMINISTIC = ('step', 'epoch', 'running_train_loss', 'running_train_accuracy', 'train_eval_loss',
@@ -23,12 +24,7 @@ quiet = lambda message: None
 
 
 def mlp(epochs=2, **overrides):
-  c = quickstart.get_config()
-  c.model.width = 64
-  c.train.epochs = epochs
-  c.train.log_every = 1000
-  c.update_from_flattened_dict(overrides)
-  return c
+  return quickstart_mlp(epochs, **overrides)
 
 
 def tiny_resnet(**overrides):
