@@ -28,40 +28,29 @@ import ml_collections
 import numpy as np
 
 from lib import config as config_lib
-from lib import steps
-
-INIT_KEYS = ('model.init', 'model.init_scale', 'model.init_fan', 'model.init_gain',
-             'model.bias_init', 'model.zero_init_residual')
-WATCH_KEYS = ('train.log_every', 'train.tb_histograms', 'train.early_stop_patience',
-              'train.vectorize', 'train.vectorize_mode', 'train.max_arms')
-# A dependent key -> the strength without which it means nothing.
-IRRELEVANT_WHEN_OFF = {'regularize.dropout_at': 'regularize.dropout',
-                       'augment.cutout_patches': 'augment.cutout_size'}
-# The strength an arm gets when its factor is off but the program has it on,
-# where that is not the config's off value: a resized crop of scale 1 is the
-# whole image.
-IDENTITY_WHEN_ON = {'augment.resized_crop_scale': 1.0}
+from lib import factors
 
 
 def varying_keys() -> Tuple[str, ...]:
-  return ('seed', *steps.hparam_config_keys().values(), *INIT_KEYS, *WATCH_KEYS)
+  """The keys arms of one program may differ in: the seed, every factor that is
+  traced, used only at init or decides when a run stops (lib/factors.py), and the
+  keys that only watch a run."""
+  return ('seed', *factors.program_free_keys(), *config_lib.WATCH_KEYS)
 
 
-def _off_values() -> Dict[str, Any]:
-  return config_lib.flatten(config_lib.base_config().to_dict())
 
 
 def signature(config_dict: Dict[str, Any]) -> Dict[str, str]:
   """The flattened keys (values as JSON) that must be equal for runs to share a
-  program, leaving out the dependent keys of IRRELEVANT_WHEN_OFF (see `group`)."""
-  skip = set(varying_keys()) | set(IRRELEVANT_WHEN_OFF)
+  program, leaving out the dependent keys (factors.dependents) (see `group`)."""
+  skip = set(varying_keys()) | set(factors.dependents())
   return {k: json.dumps(v) for k, v in config_lib.flatten(config_dict).items() if k not in skip}
 
 
 def _dependents(config_dict: Dict[str, Any]) -> Dict[str, Any]:
   """The dependent keys whose factor is on in this config (the others may take any value)."""
-  flat, off = config_lib.flatten(config_dict), _off_values()
-  return {k: flat[c] and flat[k] for k, c in IRRELEVANT_WHEN_OFF.items() if flat[c] != off[c]}
+  flat = config_lib.flatten(config_dict)
+  return {k: flat[c] and flat[k] for k, c in factors.dependents().items() if factors.is_on(c, flat[c])}
 
 
 def _differences(a: Dict[str, Any], b: Dict[str, Any]) -> List[str]:
@@ -110,15 +99,14 @@ def program_config(configs: Sequence[ml_collections.ConfigDict]) -> ml_collectio
   """The config that builds the shared program: the first arm's, with every
   strength that any arm turns on turned on (at the first such arm's value), and
   each dependent key taken from an arm whose factor is on."""
-  off = _off_values()
   flat = [config_lib.flatten(config_lib.to_json_dict(c)) for c in configs]
   program = dict(flat[0])
-  for key in steps.hparam_config_keys().values():
-    on = [f[key] for f in flat if f[key] != off[key]]
+  for key in factors.hparam_keys().values():
+    on = [f[key] for f in flat if factors.is_on(key, f[key])]
     if on:
       program[key] = on[0]
-  for key, controller in IRRELEVANT_WHEN_OFF.items():
-    on = [f[key] for f in flat if f[controller] != off[controller]]
+  for key, controller in factors.dependents().items():
+    on = [f[key] for f in flat if factors.is_on(controller, f[controller])]
     if on:
       program[key] = on[0]
   config = ml_collections.ConfigDict(config_lib.base_config().to_dict())
@@ -128,14 +116,13 @@ def program_config(configs: Sequence[ml_collections.ConfigDict]) -> ml_collectio
 
 
 def arm_hparams(config, program) -> Dict[str, np.ndarray]:
-  """The arm's strengths as the shared program needs them (see IDENTITY_WHEN_ON)."""
-  hp = steps.hparams(config)
-  off = _off_values()
-  for name, key in steps.hparam_config_keys().items():
-    section, field = key.split('.')
-    if key in IDENTITY_WHEN_ON and config[section][field] == off[key] and \
-        program[section][field] != off[key]:
-      hp[name] = np.float32(IDENTITY_WHEN_ON[key])
+  """The arm's strengths as the shared program needs them: a factor off in the arm
+  but on in the program gets its identity (lib/factors.py: e.g. a resized crop of
+  scale 1, the whole image)."""
+  hp = factors.hparams(config)
+  for f in factors.traced():
+    if f.identity is not None and not factors.on(config, f.key) and factors.on(program, f.key):
+      hp[f.field] = np.float32(f.identity)
   return hp
 
 

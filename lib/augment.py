@@ -9,8 +9,8 @@ The train step runs, in order:
   4. `mix(mix_key, x, targets, c, hp)` on soft targets: mixup and/or cutmix.
 
 An augmentation is one function `fn(key, images, c, hp) -> images` on images of
-shape (B, H, W, C), registered with the predicate that says when the config
-turns it on. `c` is config.augment: its static values (ints, bools, which
+shape (B, H, W, C), registered with the factor keys (lib/factors.py) that turn
+it on: it is in the program when any of them is not at its off value. `c` is config.augment: its static values (ints, bools, which
 augmentations are on) shape the program. `hp` is `hparams(c)` passed in as jit
 arguments: float32 scalar arrays with the continuous strengths, used only as
 traced values so they can differ (or be vmapped) without recompiling. Each
@@ -18,37 +18,50 @@ image draws its own randomness, all from one key per step, so it does not
 depend on how the batch is split over devices.
 """
 import math
-from typing import Callable, Dict, List, NamedTuple
+from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lib.errors import UserError
+from lib import factors
 
 STAGES = ('pixel', 'normalized')
 
 # The continuous strengths: config.augment keys that travel as traced float32.
-HP_KEYS = ('resized_crop_scale', 'brightness', 'contrast', 'saturation', 'cutout_size',
-           'mixup_alpha', 'cutmix_alpha')
+HP_KEYS = tuple(f.field for f in factors.traced() if f.section == 'augment')
 
 
 class Augmentation(NamedTuple):
   name: str
   stage: str         # 'pixel' (floats in [0, 1]) or 'normalized' (after (x - mean) / std)
-  enabled: Callable  # config.augment -> bool
+  keys: Tuple[str, ...]  # the factors that turn it on
   fn: Callable       # (key, images, config.augment, hp) -> images
+
+  def enabled(self, c) -> bool:
+    """Whether config.augment `c` puts it in the program."""
+    return any(factors.is_on(k, c[k.split('.')[1]]) for k in self.keys)
 
 
 AUGMENTATIONS: List[Augmentation] = []
 
 
-def register(name: str, enabled: Callable, stage: str = 'pixel'):
+def register(name: str, keys: Sequence[str], stage: str = 'pixel'):
+  """Decorator: `fn` is the augmentation of factors `keys` (declared in
+  lib/factors.py with site `stage`). Registration order is application order,
+  and a new one appended last leaves the random streams of the others as they are."""
   assert stage in STAGES, stage
+  for k in keys:
+    assert factors.FACTORS[k].site == stage, (k, stage)
   def wrap(fn):
-    AUGMENTATIONS.append(Augmentation(name, stage, enabled, fn))
+    AUGMENTATIONS.append(Augmentation(name, stage, tuple(keys), fn))
     return fn
   return wrap
+
+
+def unregister(name: str) -> None:
+  """Takes a registration back (tests register throwaway augmentations)."""
+  AUGMENTATIONS[:] = [a for a in AUGMENTATIONS if a.name != name]
 
 
 def _uniform(key, shape, lo, hi):
@@ -71,7 +84,7 @@ def _gray(images):
   return images.mean(-1, keepdims=True)
 
 
-@register('crop', lambda c: c.crop_padding > 0)
+@register('crop', ['augment.crop_padding'])
 def random_crop(key, images, c, hp):
   """Zero-pad by crop_padding on each side, then crop back at a random offset."""
   p = int(c.crop_padding)
@@ -82,14 +95,14 @@ def random_crop(key, images, c, hp):
   return jax.vmap(crop)(padded, offsets)
 
 
-@register('flip', lambda c: bool(c.flip))
+@register('flip', ['augment.flip'])
 def random_flip(key, images, c, hp):
   """Mirror each image left-right with probability 1/2."""
   flip = jax.random.bernoulli(key, 0.5, (images.shape[0], 1, 1, 1))
   return jnp.where(flip, images[:, :, ::-1, :], images)
 
 
-@register('resized_crop', lambda c: c.resized_crop_scale > 0)
+@register('resized_crop', ['augment.resized_crop_scale'])
 def random_resized_crop(key, images, c, hp):
   """Inception-style crop of area ~ U[scale, 1] * H*W, log aspect ~ U[log 3/4, log 4/3],
   uniform position, resized back to H x W bilinearly.
@@ -113,7 +126,7 @@ def random_resized_crop(key, images, c, hp):
   return jax.vmap(resize)(images, scale, translation)
 
 
-@register('jitter', lambda c: c.brightness > 0 or c.contrast > 0 or c.saturation > 0)
+@register('jitter', ['augment.brightness', 'augment.contrast', 'augment.saturation'])
 def color_jitter(key, images, c, hp):
   """Brightness, contrast, saturation in that order, each factor ~ U[max(0, 1-s), 1+s]
   per image, blended as torchvision does and clipped to [0, 1]; strength 0 is the identity.
@@ -135,7 +148,7 @@ def color_jitter(key, images, c, hp):
   return images
 
 
-@register('cutout', lambda c: c.cutout_size > 0, stage='normalized')
+@register('cutout', ['augment.cutout_size'], stage='normalized')
 def cutout(key, images, c, hp):
   """Set cutout_patches squares of side cutout_size per image to 0 (the dataset mean).
 
@@ -189,11 +202,13 @@ def mix(key, images, targets, c, hp):
   at all; inside it, a (traced) alpha of 0 turns that one off, and both 0 is the
   identity. `key` must be its own stream, not the key given to `apply`.
   """
-  if not (c.mixup_alpha > 0 or c.cutmix_alpha > 0):
+  on_m = factors.is_on('augment.mixup_alpha', c.mixup_alpha)
+  on_c = factors.is_on('augment.cutmix_alpha', c.cutmix_alpha)
+  if not (on_m or on_c):
     return images, targets
   # One program for every setting: an alpha switched off in c is a constant 0.
-  alpha_m = hp['mixup_alpha'] if c.mixup_alpha > 0 else jnp.float32(0)
-  alpha_c = hp['cutmix_alpha'] if c.cutmix_alpha > 0 else jnp.float32(0)
+  alpha_m = hp['mixup_alpha'] if on_m else jnp.float32(0)
+  alpha_c = hp['cutmix_alpha'] if on_c else jnp.float32(0)
   k_partner, k_lam, k_box, k_choice = (jax.random.fold_in(key, i) for i in range(4))
   partner = jax.random.permutation(k_partner, images.shape[0])
   p_cutmix = jnp.where(alpha_c > 0, jnp.where(alpha_m > 0, 0.5, 1.0), 0.0)
@@ -206,18 +221,9 @@ def mix(key, images, targets, c, hp):
 
 
 def check(c):
-  """Raises UserError for an augment value out of its range."""
-  if not c.crop_padding >= 0:
-    raise UserError(f'augment.crop_padding={c.crop_padding} must be >= 0 (0 = off)')
-  if not 0 <= c.resized_crop_scale <= 1:
-    raise UserError(f'augment.resized_crop_scale={c.resized_crop_scale} must be in [0, 1] '
-                    '(min area fraction; 0 = off)')
-  for key in ('brightness', 'contrast', 'saturation', 'cutout_size', 'mixup_alpha',
-              'cutmix_alpha'):
-    if not c[key] >= 0:
-      raise UserError(f'augment.{key}={c[key]} must be >= 0 (0 = off)')
-  if not c.cutout_patches >= 1:
-    raise UserError(f'augment.cutout_patches={c.cutout_patches} must be >= 1')
+  """Raises UserError for an augment value out of its range (lib/factors.py)."""
+  for f in factors.in_section('augment'):
+    f.check(c[f.field])
 
 
 def hparams(c) -> Dict[str, np.float32]:

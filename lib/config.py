@@ -11,16 +11,20 @@ from typing import Any, Dict, List
 
 import ml_collections
 
+from lib import factors
 from lib.errors import UserError
 
 # Keys that change how a run is watched, not what it computes: a workdir may be
-# resumed with different values of these.
-NON_SEMANTIC_KEYS = frozenset({'train.log_every', 'train.tb_histograms', 'train.vectorize',
-                               'train.vectorize_mode', 'train.max_arms'})
+# resumed with different values of these, and arms differing in them share a program.
+WATCH_KEYS = ('train.log_every', 'train.tb_histograms', 'train.vectorize',
+              'train.vectorize_mode', 'train.max_arms')
+NON_SEMANTIC_KEYS = frozenset(WATCH_KEYS)
 VECTORIZE_MODES = ('auto', 'vmap', 'unroll')
 
 
 def base_config() -> ml_collections.ConfigDict:
+  """Every key a run reads, at its default. The ablation factors (lib/factors.py)
+  come from their table, at their off values; the rest are declared here."""
   c = ml_collections.ConfigDict()
   c.seed = 0
 
@@ -35,41 +39,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.name = 'mlp'
   c.model.depth = -1            # -1: the model's default (see README table)
   c.model.width = -1            # -1: the model's default
-  c.model.activation = 'relu'
-  c.model.norm = 'batch'        # batch | layer (over H,W,C) | layer_channels (over C) | group | instance | none
   c.model.dtype = 'float32'     # compute dtype: float32 | bfloat16 (params stay f32)
-  c.model.init = 'kaiming_normal'  # kernel init of every conv/dense layer (lib/inits.py)
-  c.model.init_scale = 0.01     # normal: std; uniform: half-width; constant: value
-  c.model.init_fan = 'fan_in'   # variance-scaling inits: fan_in | fan_out | fan_avg
-  c.model.init_gain = 'auto'    # kaiming gain: auto (from activation) relu leaky_relu tanh linear
-  c.model.bias_init = 0.0       # every bias starts at this constant
-  c.model.zero_init_residual = False  # last norm scale (or conv) of each residual branch = 0
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = 'momentum'     # sgd momentum nesterov adagrad rmsprop adam adamw
-  c.optim.lr = 0.1              # peak learning rate (after warmup)
   c.optim.momentum = 0.9        # momentum / nesterov
   c.optim.rms_decay = 0.9       # rmsprop: decay of the squared-gradient average
   c.optim.b1 = 0.9              # adam / adamw
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.0    # decoupled: w -= lr * wd * w (AdamW style), kernels only
   c.optim.clip_norm = 0.0       # global-norm clipping; 0 = off
 
-  c.regularize = ml_collections.ConfigDict()
-  c.regularize.l2 = 0.0         # lambda/2 * sum(w^2) added to the loss
-  c.regularize.l1 = 0.0         # lambda * sum|w| added to the loss
-  c.regularize.decay_all_params = False  # also penalise/decay biases and norm params
-  c.regularize.activation_l1 = 0.0  # alpha * sum|h| over hidden activations (per example)
-  c.regularize.dropout = 0.0    # inverted dropout rate; 0 = off
-  c.regularize.dropout_at = 'head'  # head (before the classifier) | hidden (+ every hidden FC) | conv | all
-  c.regularize.dropconnect = 0.0  # rate of dense-kernel weights zeroed per step; 0 = off
-  c.regularize.noise_input = 0.0   # std of Gaussian noise on (normalized) inputs
-  c.regularize.noise_hidden = 0.0  # std of Gaussian noise on hidden activations
-  c.regularize.noise_weight = 0.0  # std of Gaussian noise on conv/dense kernels
-  c.regularize.survival_last = 1.0  # stochastic depth: survival prob of the last block p_L; 1 = off
-  c.regularize.label_smoothing = 0.0
-  c.regularize.adversarial_eps = 0.0  # FGSM training: x + eps*sign(grad_x), eps in [0,1] pixels
+  c.regularize = ml_collections.ConfigDict()   # every key a factor
 
   c.schedule = ml_collections.ConfigDict()
   c.schedule.name = 'cosine'    # constant step cosine linear inverse_sqrt
@@ -78,38 +59,27 @@ def base_config() -> ml_collections.ConfigDict:
   c.schedule.factor = 0.1       # step schedule: multiply at each milestone
   c.schedule.final_fraction = 0.0  # cosine/linear: end at lr * final_fraction
 
-  c.augment = ml_collections.ConfigDict()
-  c.augment.crop_padding = 0    # random crop after zero-padding by this; 0 = off
-  c.augment.flip = False        # random horizontal flip
-  c.augment.resized_crop_scale = 0.0  # random resized crop: min area fraction; 0 = off
-  c.augment.brightness = 0.0    # colour jitter strengths; 0 = off
-  c.augment.contrast = 0.0
-  c.augment.saturation = 0.0
-  c.augment.cutout_size = 0     # side of each zeroed square (pixels); 0 = off
-  c.augment.cutout_patches = 1
-  c.augment.mixup_alpha = 0.0   # lam ~ Beta(alpha, alpha); 0 = off
-  c.augment.cutmix_alpha = 0.0  # 0 = off; with mixup too, each batch uses one of them
+  c.augment = ml_collections.ConfigDict()      # every key a factor
 
   c.train = ml_collections.ConfigDict()
   c.train.epochs = 10
-  c.train.loss = 'cross_entropy'  # cross_entropy | hinge | squared_hinge
   c.train.batch_size = 128      # global batch, split over devices
   c.train.eval_every = 0        # steps between evaluations; 0 = once per epoch
   c.train.eval_batch_size = 500
   c.train.log_every = 50        # steps between console progress lines
-  c.train.early_stop_patience = 0  # stop after this many evaluations without a new best; 0 = off
-  c.train.eval_tta = 'none'     # test-time augmentation of evaluations: none | flip | crops
   c.train.tb_histograms = False  # weight and activation histograms to TensorBoard at each eval
   # Sweeps: train compatible arms together in one compiled program (lib/arms.py).
   c.train.vectorize = False
   c.train.vectorize_mode = 'auto'  # auto | vmap (batched ops) | unroll (arm after arm, one program)
   c.train.max_arms = 0          # arms per program at most; 0 = as many as fit in memory
+  for f in factors.FACTORS.values():
+    c[f.section][f.field] = f.initial
   return c
 
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Validates names and fills model defaults; returns a new locked config."""
-  from lib import augment, data, inits, losses, models, optim, regularize, steps  # registries
+  from lib import data, inits, losses, models, optim  # registries
   known = set(flatten(base_config().to_dict()))
   for key in sorted(set(flatten(config.to_dict())) - known):
     close = difflib.get_close_matches(key, known, n=1)
@@ -134,26 +104,18 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                     f'{models.NORMS.get(config.model.norm).defaults["doc"]}, which needs the '
                     'image positions that model.name=mlp does not have; use batch, layer or group')
   inits.check(config.model)
-  regularize.check(config.regularize)
+  factors.check(config)   # every factor's range (lib/factors.py)
   if not entry.defaults.get('residual'):
-    for key, on in (('regularize.survival_last', config.regularize.survival_last < 1),
-                    ('model.zero_init_residual', config.model.zero_init_residual)):
-      if on:
+    for key in ('regularize.survival_last', 'model.zero_init_residual'):
+      if factors.on(config, key):
         raise UserError(f'{key} needs residual blocks, which model.name={config.model.name} '
                         'does not have (residual models: '
                         f'{", ".join(n for n in models.MODELS.names() if models.MODELS.get(n).defaults.get("residual"))})')
   losses.LOSSES.get(config.train.loss)
-  if config.train.eval_tta not in steps.TTA:
-    raise UserError(f'unknown train.eval_tta={config.train.eval_tta!r}; valid: '
-                    f'{", ".join(steps.TTA)}')
-  if config.train.early_stop_patience < 0:
-    raise UserError(f'train.early_stop_patience={config.train.early_stop_patience} must be '
-                    '>= 0 (0 = off)')
   if config.model.dtype not in ('float32', 'bfloat16'):
     raise UserError(f'model.dtype={config.model.dtype!r}; valid: bfloat16, float32')
   optim.OPTIMIZERS.get(config.optim.name)
   optim.SCHEDULES.get(config.schedule.name)
-  augment.check(config.augment)
   if not 0.0 < config.data.val_fraction < 1.0:
     raise UserError(f'data.val_fraction={config.data.val_fraction} must be in (0, 1): '
                     'the validation split drives evaluation and the best checkpoint')

@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lib import inits
+from lib import factors, inits
 from lib.registry import Registry
 
 MODELS = Registry('model', 'model.name')
@@ -38,6 +38,7 @@ ACTIVATIONS = Registry('activation', 'model.activation')
 NORMS = Registry('normalization', 'model.norm')
 DROPOUT_SITES = {'head': ('head',), 'hidden': ('head', 'hidden'), 'conv': ('conv',),
                  'all': ('head', 'hidden', 'conv')}
+assert set(DROPOUT_SITES) == set(factors.FACTORS['regularize.dropout_at'].choices)
 
 for _name, _fn in [('relu', nn.relu), ('leaky_relu', nn.leaky_relu), ('elu', nn.elu),
                    ('gelu', nn.gelu), ('tanh', jnp.tanh), ('sigmoid', nn.sigmoid)]:
@@ -68,8 +69,9 @@ class Options:
               zero_init_residual=bool(m.zero_init_residual))
     if regularize is not None:
       r = regularize
-      kw.update(dropout_at=r.dropout_at, dropout=r.dropout > 0, noise_hidden=r.noise_hidden > 0,
-                activation_l1=r.activation_l1 > 0, stochastic_depth=r.survival_last < 1)
+      on = lambda field: factors.is_on(f'regularize.{field}', r[field])
+      kw.update(dropout_at=r.dropout_at, dropout=on('dropout'), noise_hidden=on('noise_hidden'),
+                activation_l1=on('activation_l1'), stochastic_depth=on('survival_last'))
     return cls(**kw)
 
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lib import factors
 from lib.errors import UserError
 from lib.registry import Registry
 
@@ -98,21 +99,11 @@ def l2_penalty(params, mask):
   return 0.5 * sum(leaves) if leaves else jnp.zeros((), jnp.float32)
 
 
-# hparams name -> the config key it comes from.
-HP_CONFIG_KEYS = {'lr': 'optim.lr', 'weight_decay': 'optim.weight_decay', 'l2': 'regularize.l2'}
-
-
 def hparams(config) -> Dict[str, np.ndarray]:
-  """The continuous strengths that enter the compiled step as arrays."""
-  if config.optim.lr <= 0:
-    raise UserError(f'optim.lr={config.optim.lr} must be positive')
-  for key, value in (('optim.weight_decay', config.optim.weight_decay),
-                     ('regularize.l2', config.regularize.l2)):
-    if value < 0:
-      raise UserError(f'{key}={value} must be >= 0 (0 = off)')
-  return {'lr': np.float32(config.optim.lr),
-          'weight_decay': np.float32(config.optim.weight_decay),
-          'l2': np.float32(config.regularize.l2)}
+  """The optimizer's continuous strengths (lr, weight_decay), validated: the
+  factors of site `optimizer` in lib/factors.py."""
+  out = factors.hparams(config)
+  return {f.field: out[f.field] for f in factors.traced() if f.site == 'optimizer'}
 
 
 def make(config, total_steps: int, steps_per_epoch: int):

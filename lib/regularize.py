@@ -15,55 +15,55 @@ are comes in `hparams` as float32 arrays, so one program serves every strength.
   * FGSM adversarial inputs (`fgsm`);
   * label smoothing, Gaussian input noise, dropout,
     hidden-unit noise and stochastic depth are applied where they act (lib/steps.py,
-    lib/models.py); their strengths are validated here.
+    lib/models.py).
+
+Their ranges and off values are declared once, in lib/factors.py. The `params`
+and `loss` regularizers register here (`register`) and the train step applies
+every one the config turns on, in registration order.
 """
-from typing import Dict
+from typing import Callable, List, NamedTuple, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from lib.errors import UserError
-from lib.models import DROPOUT_SITES
-
-# key -> (lowest valid, highest valid, whether the highest is included, off value)
-_RANGES = {
-    'l1': (0.0, np.inf, False, 0.0),
-    'activation_l1': (0.0, np.inf, False, 0.0),
-    'dropout': (0.0, 1.0, False, 0.0),
-    'dropconnect': (0.0, 1.0, False, 0.0),
-    'noise_input': (0.0, np.inf, False, 0.0),
-    'noise_hidden': (0.0, np.inf, False, 0.0),
-    'noise_weight': (0.0, np.inf, False, 0.0),
-    'survival_last': (0.0, 1.0, True, 1.0),
-    'label_smoothing': (0.0, 1.0, False, 0.0),
-    'adversarial_eps': (0.0, np.inf, False, 0.0),
-}
-HP_KEYS = tuple(_RANGES)   # every regularize strength travels as a traced float32
+from lib import factors, optim
 
 
-def check(r) -> None:
-  for key, (lo, hi, hi_ok, off) in _RANGES.items():
-    v = r[key]
-    ok = (lo < v if key == 'survival_last' else lo <= v) and (v <= hi if hi_ok else v < hi)
-    if not ok:
-      right = ']' if hi_ok else ')'
-      left = '(' if key == 'survival_last' else '['
-      raise UserError(f'regularize.{key}={v} must be in {left}{lo}, {hi}{right} '
-                      f'({off} = off)')
-  if r.dropout_at not in DROPOUT_SITES:
-    raise UserError(f'unknown regularize.dropout_at={r.dropout_at!r}; valid: '
-                    f'{", ".join(sorted(DROPOUT_SITES))}')
+class Transform(NamedTuple):
+  """A regularizer of a factor whose site (lib/factors.py) is `params` or `loss`."""
+  name: str          # also the name of its random stream (lib/steps.py:stream)
+  site: str
+  keys: Tuple[str, ...]  # the factors that put it in the program
+  always: bool       # in every program (its strength 0 is exact)
+  fn: Callable
 
 
-def enabled(r, key: str) -> bool:
-  """Whether the regularizer `key` is in the program (its value is not the off value)."""
-  return r[key] != _RANGES[key][3]
+# params: fn(key, params, hp) -> params, applied in this order to the weights of
+#   the training forward pass (not to the weights that are updated);
+# loss: fn(params, decay_mask, model_state, hp) -> a penalty added to the loss, in
+#   this order (model_state: the collections the forward pass returned).
+TRANSFORMS: List[Transform] = []
 
 
-def hparams(r) -> Dict[str, np.ndarray]:
-  check(r)
-  return {key: np.float32(r[key]) for key in _RANGES}
+def register(name: str, keys: Sequence[str], site: str, always: bool = False):
+  """Decorator: `fn` is the `params` or `loss` regularizer of factors `keys`."""
+  assert site in ('params', 'loss'), site
+  for k in keys:
+    assert factors.FACTORS[k].site == site, (k, site)
+  def wrap(fn):
+    TRANSFORMS.append(Transform(name, site, tuple(keys), always, fn))
+    return fn
+  return wrap
+
+
+def unregister(name: str) -> None:
+  TRANSFORMS[:] = [t for t in TRANSFORMS if t.name != name]
+
+
+def active(config, site: str) -> List[Transform]:
+  """The regularizers of `site` that `config` puts in the program, in order."""
+  return [t for t in TRANSFORMS if t.site == site and (
+      t.always or any(factors.on(config, k) for k in t.keys))]
 
 
 def kernel_mask(params, dense_only: bool = False):
@@ -87,6 +87,22 @@ def _per_leaf(fn, key, params, mask):
   return jax.tree.unflatten(treedef, out)
 
 
+@register('l2', ['regularize.l2'], 'loss', always=True)
+def _l2(params, decay, model_state, hp):
+  return hp['l2'] * optim.l2_penalty(params, decay)
+
+
+@register('l1', ['regularize.l1'], 'loss')
+def _l1(params, decay, model_state, hp):
+  return hp['l1'] * l1_penalty(params, decay)
+
+
+@register('activation_l1', ['regularize.activation_l1'], 'loss')
+def _activation_l1(params, decay, model_state, hp):
+  """The models sow sum|h| / batch of each hidden activation (lib/models.py)."""
+  return hp['activation_l1'] * sum(jax.tree.leaves(model_state['losses']))
+
+
 def dropconnect(key, params, rate):
   """Inverted DropConnect on every dense kernel: zero with probability `rate`."""
   def drop(k, w):
@@ -108,3 +124,10 @@ def weight_noise(key, params, std):
   """w + std * N(0, 1) on every conv/dense kernel."""
   return _per_leaf(lambda k, w: w + std * jax.random.normal(k, w.shape, w.dtype), key, params,
                    kernel_mask(params))
+
+
+# Noise first: a weight DropConnect drops is exactly 0.
+register('noise_weight', ['regularize.noise_weight'], 'params')(
+    lambda key, params, hp: weight_noise(key, params, hp['noise_weight']))
+register('dropconnect', ['regularize.dropconnect'], 'params')(
+    lambda key, params, hp: dropconnect(key, params, hp['dropconnect']))

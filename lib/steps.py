@@ -5,6 +5,7 @@ one named fold_in per consumer (augment, dropout), so every random draw is a
 function of (seed, step) alone, not of the number of devices. The batch is
 gathered on device from the resident dataset by this epoch's permutation.
 """
+import zlib
 from typing import Any, Callable, Dict
 
 import flax
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lib import augment, losses, optim, regularize, sharding
+from lib import augment, factors, losses, optim, regularize, sharding
 
 # Named streams split off each step's key; add new consumers at the end.
 RNG_STREAMS = {'augment': 0, 'dropout': 1, 'noise': 2, 'drop_path': 3, 'mix': 4,
@@ -30,7 +31,12 @@ class TrainState:
 
 
 def stream(key, name: str):
-  return jax.random.fold_in(key, RNG_STREAMS[name])
+  """The step key's stream `name`. A name not in RNG_STREAMS (a regularizer
+  registered later) gets a number from its name, so it leaves the others alone."""
+  number = RNG_STREAMS.get(name)
+  if number is None:
+    number = 1000 + zlib.crc32(name.encode()) % (1 << 20)
+  return jax.random.fold_in(key, number)
 
 
 def init_state(model, tx_build, hparams, seed: int, image_shape) -> TrainState:
@@ -56,16 +62,15 @@ def zero_sums() -> Dict[str, jax.Array]:
 
 
 def hparams(config) -> Dict[str, np.ndarray]:
-  """Every continuous strength of `config` (optimizer, regularizers,
-  augmentations) as a float32 scalar: the compiled step takes them as arrays."""
-  return {**optim.hparams(config), **regularize.hparams(config.regularize),
-          **augment.hparams(config.augment)}
+  """Every continuous strength of `config` (the traced factors of lib/factors.py:
+  optimizer, regularizers, augmentations) as a float32 scalar: the compiled step
+  takes them as arrays."""
+  return factors.hparams(config)
 
 
 def hparam_config_keys() -> Dict[str, str]:
   """hparams name -> the config key it comes from (e.g. 'dropout' -> 'regularize.dropout')."""
-  return {**optim.HP_CONFIG_KEYS, **{k: f'regularize.{k}' for k in regularize.HP_KEYS},
-          **{k: f'augment.{k}' for k in augment.HP_KEYS}}
+  return factors.hparam_keys()
 
 
 def make_train_step(model, tx_build, config, mesh, mean, std, num_classes: int,
@@ -79,7 +84,9 @@ def make_train_step(model, tx_build, config, mesh, mean, std, num_classes: int,
   hidden noise and stochastic depth inside the model.
   """
   aug, reg = config.augment, config.regularize
-  on = lambda key: regularize.enabled(reg, key)
+  on = lambda field: factors.on(config, f'regularize.{field}')
+  param_transforms = regularize.active(config, 'params')
+  penalties = regularize.active(config, 'loss')
   loss_name = config.train.loss
   decay = lambda params: optim.decay_mask(params, reg.decay_all_params)
   batch_sharding = sharding.sharded_along(mesh, 4)
@@ -102,10 +109,8 @@ def make_train_step(model, tx_build, config, mesh, mean, std, num_classes: int,
     mutable = ['batch_stats'] + (['losses'] if on('activation_l1') else [])
 
     def forward(params, inputs):
-      if on('noise_weight'):
-        params = regularize.weight_noise(stream(key, 'noise_weight'), params, hp['noise_weight'])
-      if on('dropconnect'):   # after the noise: a dropped weight is exactly 0
-        params = regularize.dropconnect(stream(key, 'dropconnect'), params, hp['dropconnect'])
+      for t in param_transforms:   # weight noise, then DropConnect, ...
+        params = t.fn(stream(key, t.name), params, hp)
       logits, new_vars = model.apply(
           {'params': params, 'batch_stats': state.batch_stats}, inputs, train=True, hp=hp,
           rngs=rngs, mutable=mutable)
@@ -120,11 +125,10 @@ def make_train_step(model, tx_build, config, mesh, mean, std, num_classes: int,
 
     def loss_fn(params):
       data_loss, (logits, new_vars) = forward(params, x)
-      penalty = hp['l2'] * optim.l2_penalty(params, decay(params))
-      if on('l1'):
-        penalty += hp['l1'] * regularize.l1_penalty(params, decay(params))
-      if on('activation_l1'):
-        penalty += hp['activation_l1'] * sum(jax.tree.leaves(new_vars['losses']))
+      penalty = None
+      for t in penalties:   # L2 (always), L1, activation L1, ...
+        term = t.fn(params, decay(params), new_vars, hp)
+        penalty = term if penalty is None else penalty + term
       return data_loss + penalty, (data_loss, logits, new_vars.get('batch_stats', {}))
 
     (total, (data_loss, logits, batch_stats)), grads = jax.value_and_grad(
@@ -151,7 +155,7 @@ def make_train_step(model, tx_build, config, mesh, mean, std, num_classes: int,
   return train_step
 
 
-TTA = ('none', 'flip', 'crops')
+TTA = factors.FACTORS['train.eval_tta'].choices
 
 
 def views(x, tta: str, pad: int = 4):

@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lib import arms as arms_lib
 from lib import config as config_lib
-from lib import engine, models, sharding, steps
+from lib import engine, factors, models, sharding, steps
 
 MODES = ('vmap', 'unroll')
 
@@ -190,10 +190,9 @@ class VectorEngine:
     only its arguments carry (seeds, strengths, init keys), which strengths are on,
     the arms, the mode, the mesh and the data's shapes and statistics."""
     flat = config_lib.flatten(config_lib.to_json_dict(self.program))
-    off = config_lib.flatten(config_lib.base_config().to_dict())
     varying = set(arms_lib.varying_keys())
     static = {k: v for k, v in flat.items() if k not in varying}
-    switches = {k: flat[k] != off[k] for k in steps.hparam_config_keys().values()}
+    switches = {k: factors.is_on(k, flat[k]) for k in factors.hparam_keys().values()}
     data = [self.dataset.image_shape, len(self.dataset.train[1]), self.dataset.num_classes,
             self.base.mean.tolist(), self.base.std.tolist()]
     return json.dumps([what, static, switches, self.n, self.mode, repr(self.mesh), data],
