@@ -98,7 +98,10 @@ def group(configs: Sequence[Dict[str, Any]]) -> Tuple[List[List[int]], List[str]
 def program_config(configs: Sequence[ml_collections.ConfigDict]) -> ml_collections.ConfigDict:
   """The config that builds the shared program: the first arm's, with every
   strength that any arm turns on turned on (at the first such arm's value), and
-  each dependent key taken from an arm whose factor is on."""
+  each dependent key taken from an arm whose factor is on. That is the first
+  arm's resolved config itself when no other arm turns on more; only a new
+  combination is built and resolved. (`to_json_dict` of a resolved arm is the
+  dict computed when it was resolved: no JSON round trip per arm.)"""
   flat = [config_lib.flatten(config_lib.to_json_dict(c)) for c in configs]
   program = dict(flat[0])
   for key in factors.hparam_keys().values():
@@ -109,6 +112,8 @@ def program_config(configs: Sequence[ml_collections.ConfigDict]) -> ml_collectio
     on = [f[key] for f in flat if factors.is_on(controller, f[controller])]
     if on:
       program[key] = on[0]
+  if program == flat[0]:
+    return config_lib.resolve(configs[0])
   config = ml_collections.ConfigDict(config_lib.base_config().to_dict())
   config.update_from_flattened_dict({k: tuple(v) if isinstance(v, list) else v
                                      for k, v in program.items()})

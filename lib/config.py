@@ -78,7 +78,12 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Validates names and fills model defaults; returns a new locked config."""
+  """Validates names and fills model defaults; returns a new locked config, marked as
+  resolved together with its JSON dict (see `is_resolved`). A config that is already
+  resolved is returned as it is, so a run resolves its config once however many
+  layers (sweep plan, runner, RunBook, program config) pass it on."""
+  if is_resolved(config):
+    return config
   from lib import data, inits, losses, models, optim  # registries
   known = set(flatten(base_config().to_dict()))
   for key in sorted(set(flatten(config.to_dict())) - known):
@@ -130,7 +135,21 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if config.train[key] <= 0:
       raise UserError(f'train.{key}={config.train[key]} must be positive')
   config.lock()
+  return _mark_resolved(config, json.loads(json.dumps(config.to_dict(), default=list)))
+
+
+def _mark_resolved(config: ml_collections.ConfigDict,
+                   config_dict: Dict[str, Any]) -> ml_collections.ConfigDict:
+  """Records on `config` (outside its fields) its values now and its JSON dict."""
+  object.__setattr__(config, '_resolved_as', (config.to_dict(), config_dict))
   return config
+
+
+def is_resolved(config) -> bool:
+  """Whether `config` is one `resolve` returned (or `from_resolved_json_dict` rebuilt)
+  and unchanged since: a value set after resolving makes it unresolved again."""
+  marker = getattr(config, '__dict__', {}).get('_resolved_as')
+  return marker is not None and marker[0] == config.to_dict()
 
 
 def flatten(d: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
@@ -145,7 +164,10 @@ def flatten(d: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
 
 
 def to_json_dict(config: ml_collections.ConfigDict) -> Dict[str, Any]:
-  """A JSON round-trippable dict (tuples become lists)."""
+  """A JSON round-trippable dict (tuples become lists). A resolved config's is the one
+  computed when it was resolved, shared by every caller: read it, do not change it."""
+  if is_resolved(config):
+    return config.__dict__['_resolved_as'][1]
   return json.loads(json.dumps(config.to_dict(), default=list))
 
 
@@ -180,3 +202,15 @@ def from_json_dict(d: Dict[str, Any]) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(merge(base_config().to_dict(), fix(d)))
   config.lock()
   return config
+
+
+def from_resolved_json_dict(d: Dict[str, Any]) -> ml_collections.ConfigDict:
+  """Rebuilds a resolved config from the JSON dict `to_json_dict` made of it (a sweep
+  task's config, which crosses to a worker process or a SLURM task as JSON), marked
+  resolved so it is not resolved again: `runner.plan` resolved it, in this code. A
+  dict that lacks keys of today's base_config (written by an older version) is not
+  marked: whoever uses it resolves it."""
+  config = from_json_dict(d)
+  if set(flatten(d)) != set(flatten(config.to_dict())):
+    return config
+  return _mark_resolved(config, d)

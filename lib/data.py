@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from lib import cache
 from lib.errors import UserError
 from lib.registry import Registry
 
@@ -194,20 +195,15 @@ def channel_stats(images: np.ndarray):
   return x.mean(0).astype(np.float32), np.maximum(x.std(0), 1e-3).astype(np.float32)
 
 
-_CACHE: dict = {}
-
-
 def load(data_config) -> Dataset:
   """The dataset of `data_config`. A process that trains several runs on the same data
-  (a sweep) reads it once: the last dataset loaded is kept, keyed by the config and
-  the modification time of its path."""
+  (a sweep) reads it once: the process cache (lib/cache.py) keeps the last dataset
+  loaded, keyed by the config and the modification time of its path."""
   path = os.path.expanduser(data_config.path) if data_config.path else ''
   key = (repr(sorted(data_config.to_dict().items())),
          os.path.getmtime(path) if path and os.path.exists(path) else None)
-  if key not in _CACHE:
-    _CACHE.clear()
-    _CACHE[key] = _load(data_config)
-  return dataclasses.replace(_CACHE[key])   # callers may set num_classes on their copy
+  dataset = cache.process_cache().dataset(key, lambda: _load(data_config))
+  return dataclasses.replace(dataset)   # callers may set num_classes on their copy
 
 
 def _load(data_config) -> Dataset:

@@ -5,7 +5,7 @@ from typing import Any, Dict, Optional
 import ml_collections
 
 from lib import config as config_lib
-from lib import data, engine, sharding
+from lib import cache, data, engine, sharding
 from lib.checkpoint import Checkpoints
 from lib.errors import UserError
 from lib.rundir import RunDir
@@ -28,7 +28,7 @@ def evaluate_checkpoint(workdir: str, checkpoint: str = 'best', split: str = 'va
     config = ml_collections.ConfigDict(config.to_dict())
     config.data.source = data_source or config.data.source
     config.data.path = data_path or config.data.path
-    config = config_lib.from_json_dict(config_lib.to_json_dict(config))
+    config.lock()
   dataset = data.load(config.data)
   if list(dataset.image_shape) != list(meta['image_shape']):
     raise UserError(f'images of shape {dataset.image_shape} do not fit the run, which was '
@@ -46,18 +46,14 @@ def evaluate_checkpoint(workdir: str, checkpoint: str = 'best', split: str = 'va
           'num_examples': result['num_examples'], 'step': step}
 
 
-_ENGINES: Dict[str, engine.Engine] = {}
-
-
 def _engine(config, dataset, mesh, meta) -> engine.Engine:
-  """An evaluation engine, kept for the next call that needs the same program:
-  the runs of a sweep (a vectorized group, or arms that differ only in seeds and
-  strengths) share one compiled evaluation. Only the last one is kept."""
+  """An evaluation engine, kept by the process cache (lib/cache.py) for the next call
+  that needs the same program: the runs of a sweep (a vectorized group, or arms that
+  differ only in seeds and strengths) share one compiled evaluation. Only the last
+  one is kept, and it goes when another dataset is loaded (it holds this one's splits)."""
   from lib import arms
-  key = json.dumps([sorted(arms.signature(config_lib.to_json_dict(config)).items()),
+  key = json.dumps([sorted(arms.signature(config.to_dict()).items()),
                     meta['mean'], meta['std'], meta['num_classes'], repr(mesh)])
-  if key not in _ENGINES:
-    _ENGINES.clear()
-    _ENGINES[key] = engine.Engine(config, dataset, mesh, mean=meta['mean'], std=meta['std'],
-                                  eval_only=True)
-  return _ENGINES[key]
+  return cache.process_cache().engine(
+      key, lambda: engine.Engine(config, dataset, mesh, mean=meta['mean'], std=meta['std'],
+                                 eval_only=True))

@@ -45,7 +45,9 @@ def run_dir(workdir: str, run: sweep_lib.Run) -> str:
 
 def plan(base, runs: Sequence[sweep_lib.Run], workdir: str) -> List[Dict[str, Any]]:
   """One task per run, every config resolved and every run directory checked
-  before anything is launched (errors name the arm and key)."""
+  before anything is launched (errors name the arm and key). A task's config is
+  the resolved config's JSON dict: run_task and run_group rebuild it without
+  resolving it again, here or in a worker process or SLURM task."""
   tasks = []
   for run in runs:
     config = sweep_lib.make_config(base, run)
@@ -170,7 +172,7 @@ def run_task(task: Dict[str, Any]) -> Dict[str, Any]:
   log, log_file = _arm_log(task, primary)
   start = time.time()
   try:
-    config = config_lib.from_json_dict(task['config'])
+    config = config_lib.from_resolved_json_dict(task['config'])   # resolved by plan
     hparams = {'arm': task['arm'], **config_lib.flatten(task['config'])}
     status = train.train_and_evaluate(config, task['workdir'], log=log, hparams=hparams,
                                       stop_after_step=task.get('stop_after_step'))
@@ -204,7 +206,7 @@ def run_group(tasks: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
   group_log = (lambda m: echo(f'  {m}')) if echo_group else (lambda m: None)
   start = time.time()
   try:
-    configs = [config_lib.from_json_dict(t['config']) for t in tasks]
+    configs = [config_lib.from_resolved_json_dict(t['config']) for t in tasks]
     hparams = [{'arm': t['arm'], **config_lib.flatten(t['config'])} for t in tasks]
     statuses = group_train.train_group(
         configs, [t['workdir'] for t in tasks], logs=[l for l, _ in logs], log=group_log,

@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lib import arms as arms_lib
 from lib import config as config_lib
-from lib import engine, factors, models, sharding, steps
+from lib import cache, engine, factors, models, sharding, steps
 
 MODES = ('vmap', 'unroll')
 
@@ -278,17 +278,10 @@ class VectorEngine:
     return need
 
 
-_COMPILED: Dict[str, object] = {}
-
-
 def _compiled(key: str, compile_fn):
   """A compiled program, shared by engines of the same program (the programs a
-  group is split into for memory); the last 8 are kept."""
-  if key not in _COMPILED:
-    if len(_COMPILED) >= 8:
-      _COMPILED.pop(next(iter(_COMPILED)))
-    _COMPILED[key] = compile_fn()
-  return _COMPILED[key]
+  group is split into for memory), kept by the process cache (lib/cache.py)."""
+  return cache.process_cache().program(key, compile_fn)
 
 
 def device_memory_budget(devices) -> int:

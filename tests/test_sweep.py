@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from experiments import quickstart_sweep
+from lib import config as config_lib
 from lib import report, runner
 from lib import sweep as sweep_lib
 from lib.errors import UserError
@@ -128,6 +129,36 @@ def test_arm_overrides_apply_after_the_base_and_seed_last():
   assert (a.optim.lr, a.regularize.dropout, a.seed) == (0.3, 0.2, 4)
   assert (b.optim.lr, b.regularize.dropout, b.seed) == (0.01, 0.0, 4)
   assert base.seed == 0 and base.regularize.dropout == 0.0    # base untouched
+
+
+def test_a_resolved_config_is_resolved_once_and_stays_so_until_changed():
+  c = config_lib.resolve(tiny_base())
+  assert config_lib.is_resolved(c) and config_lib.resolve(c) is c
+  d = config_lib.to_json_dict(c)
+  assert config_lib.to_json_dict(c) is d and d['model']['depth'] > 0   # computed once
+  rebuilt = config_lib.from_resolved_json_dict(d)   # a task's config, across a worker
+  assert config_lib.is_resolved(rebuilt) and rebuilt.to_dict() == c.to_dict()
+  assert not config_lib.is_resolved(config_lib.from_json_dict(d))   # config.json: not trusted
+  c.train.epochs = 3   # a value set afterwards is resolved (checked) again
+  assert not config_lib.is_resolved(c) and config_lib.resolve(c) is not c
+  assert not config_lib.is_resolved(tiny_base())
+
+
+def test_a_sweep_resolves_each_run_once(tmp_path, monkeypatch):
+  resolved = []
+  real = config_lib.resolve
+
+  def counting(config):
+    if not config_lib.is_resolved(config):
+      resolved.append(config.seed)
+    return real(config)
+  monkeypatch.setattr(config_lib, 'resolve', counting)
+  tasks, _ = tasks_for(str(tmp_path / 'w'), base=tiny_base(epochs=1),
+                       spec={'arms': {'a': {}}, 'seeds': 2})
+  assert resolved == [0, 1]   # by plan, before anything is launched
+  results = runner.execute(tasks, str(tmp_path / 'w'), 'local', log=quiet)
+  assert [r['status'] for r in results] == ['done', 'done']
+  assert resolved == [0, 1]   # neither the runner nor the run resolved them again
 
 
 # ---------------------------------------------------------------- statistics

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from experiments import quickstart
-from lib import arms, data, evaluate, group_train, report, runner, sharding, train
+from lib import arms, cache, data, evaluate, group_train, report, runner, sharding, train
 from lib import config as config_lib
 from lib import sweep as sweep_lib
 from lib import vector_engine as ve
@@ -245,7 +245,7 @@ def test_programs_shrink_to_fit_the_memory_budget(tmp_path, devices):
   assert group_train.plan_programs(configs, dataset, devices[:1], 'auto', max_arms=3,
                                    log=quiet)[0] == [[0, 1], [2, 3]]
   lines = []
-  ve._COMPILED.clear()
+  cache.process_cache().clear()
   statuses = group_train.train_group(configs, [str(tmp_path / f'a{i}') for i in range(4)],
                                      log=lines.append, devices=devices[:1],
                                      memory_budget=int(need4 * 0.6))
@@ -253,7 +253,7 @@ def test_programs_shrink_to_fit_the_memory_budget(tmp_path, devices):
   assert any('at most 2 arms per program' in l for l in lines)
   assert any(l.startswith('program 2/2: 2 arms') for l in lines)
   # the 4-arm probe and one 2-arm step: the second program reuses the first's compilation
-  assert sum(k.startswith('[["step"') for k in ve._COMPILED) == 2
+  assert sum(k.startswith('[["step"') for k in cache.process_cache().program_keys()) == 2
 
 
 # ---------------------------------------------------------------- sweeps
