@@ -33,7 +33,8 @@ from lib import steps
 INIT_KEYS = ('model.init', 'model.init_scale', 'model.init_fan', 'model.init_gain',
              'model.bias_init', 'model.zero_init_residual')
 WATCH_KEYS = ('train.log_every', 'train.tb_histograms', 'train.early_stop_patience',
-              'train.vectorize', 'train.vectorize_mode', 'train.max_arms')
+              'train.vectorize', 'train.vectorize_mode', 'train.max_arms',
+              'train.checkpoint_every_s')
 # A dependent key -> the strength without which it means nothing.
 IRRELEVANT_WHEN_OFF = {'regularize.dropout_at': 'regularize.dropout',
                        'augment.cutout_patches': 'augment.cutout_size'}

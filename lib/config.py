@@ -16,7 +16,8 @@ from lib.errors import UserError
 # Keys that change how a run is watched, not what it computes: a workdir may be
 # resumed with different values of these.
 NON_SEMANTIC_KEYS = frozenset({'train.log_every', 'train.tb_histograms', 'train.vectorize',
-                               'train.vectorize_mode', 'train.max_arms'})
+                               'train.vectorize_mode', 'train.max_arms',
+                               'train.checkpoint_every_s'})
 VECTORIZE_MODES = ('auto', 'vmap', 'unroll')
 
 
@@ -100,6 +101,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.early_stop_patience = 0  # stop after this many evaluations without a new best; 0 = off
   c.train.eval_tta = 'none'     # test-time augmentation of evaluations: none | flip | crops
   c.train.tb_histograms = False  # weight and activation histograms to TensorBoard at each eval
+  # Seconds between resume checkpoints (lib/loop.py); 0 = a checkpoint at every evaluation.
+  c.train.checkpoint_every_s = 60.0
   # Sweeps: train compatible arms together in one compiled program (lib/arms.py).
   c.train.vectorize = False
   c.train.vectorize_mode = 'auto'  # auto | vmap (batched ops) | unroll (arm after arm, one program)
