@@ -17,7 +17,7 @@ from lib.errors import UserError
 # Keys that change how a run is watched, not what it computes: a workdir may be
 # resumed with different values of these, and arms differing in them share a program.
 WATCH_KEYS = ('train.log_every', 'train.tb_histograms', 'train.vectorize',
-              'train.vectorize_mode', 'train.max_arms')
+              'train.vectorize_mode', 'train.max_arms', 'train.checkpoint_every_s')
 NON_SEMANTIC_KEYS = frozenset(WATCH_KEYS)
 VECTORIZE_MODES = ('auto', 'vmap', 'unroll')
 
@@ -68,6 +68,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_batch_size = 500
   c.train.log_every = 50        # steps between console progress lines
   c.train.tb_histograms = False  # weight and activation histograms to TensorBoard at each eval
+  # Seconds between resume checkpoints (lib/loop.py); 0 = a checkpoint at every evaluation.
+  c.train.checkpoint_every_s = 60.0
   # Sweeps: train compatible arms together in one compiled program (lib/arms.py).
   c.train.vectorize = False
   c.train.vectorize_mode = 'auto'  # auto | vmap (batched ops) | unroll (arm after arm, one program)
@@ -129,6 +131,9 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if config.train.vectorize_mode not in VECTORIZE_MODES:
     raise UserError(f'unknown train.vectorize_mode={config.train.vectorize_mode!r}; valid: '
                     f'{", ".join(VECTORIZE_MODES)}')
+  if config.train.checkpoint_every_s < 0:
+    raise UserError(f'train.checkpoint_every_s={config.train.checkpoint_every_s} must be >= 0 '
+                    '(0 = a checkpoint at every evaluation)')
   if config.train.max_arms < 0:
     raise UserError(f'train.max_arms={config.train.max_arms} must be >= 0 (0 = as many as fit)')
   for key in ('epochs', 'batch_size', 'eval_batch_size', 'log_every'):

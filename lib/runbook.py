@@ -1,16 +1,17 @@
 """One run's bookkeeping while it trains: its directory, lock, provenance, status,
 metrics, TensorBoard events, checkpoints, early stopping and divergence.
 
-Shared by the single-run loop (lib/train.py) and the loop that trains many
-arms in one program (lib/group_train.py), so a run trained alone or as one arm
-of a group leaves the same files behind. The order of calls:
+The training loop (lib/loop.py) keeps one per arm, a single run being a group
+of one, so a run trained alone or as one arm of a group leaves the same files
+behind. The order of calls:
 
   book = RunBook(config, workdir)       # checks only; raises UserError, writes nothing
   book.open(total_steps)                # the lock taken (lib/lock.py), directory ready;
                                         # a status if nothing is left to do
   book.restore(abstract_state)          # latest checkpoint that restores, or None (step 0)
   book.begin()                          # metrics past the start dropped, provenance, 'running'
-  ... book.log_eval(...); book.save(...); book.stop_early(...) at every evaluation ...
+  ... book.log_eval(...); book.save(...) (where the loop's policy saves);
+      book.stop_early(...) at every evaluation ...
   book.finish(total) or book.diverged(step) or book.fail(e)
   book.release()                        # always (a finally): waits for saves, frees the lock
 """

@@ -76,6 +76,7 @@ def _stacked_shapes(tree, n: int, sharding):
 class VectorEngine:
   """Compiled train / eval steps of `configs` (resolved, sharing one program:
   see lib/arms.py) as arms over `devices`, with `dataset` on device."""
+  grouped = True   # a group's log lines; an arm's error ends that arm only (lib/loop.py)
 
   def __init__(self, configs: Sequence, dataset, devices=None, mode: str = 'auto'):
     self.configs = list(configs)

@@ -16,7 +16,9 @@ from lib.rundir import RunDir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Small runs with an evaluation every 5-10 steps: every kill lands on unfinished work.
-TRAIN = ['--config.train.epochs=3', '--config.train.eval_every=5', '--config.model.width=64']
+# TRAIN saves a checkpoint at every evaluation, so a kill mid-save can land in any launch.
+TRAIN = ['--config.train.epochs=3', '--config.train.eval_every=5', '--config.model.width=64',
+         '--config.train.checkpoint_every_s=0']
 SWEEP = ['--seeds=1', '--config.train.epochs=2', '--config.train.eval_every=10',
          '--config.model.width=64']
 
@@ -165,7 +167,8 @@ def test_a_killed_worker_fails_only_its_run_and_a_rerun_finishes_it(tmp_path, on
 def test_a_full_disk_is_one_error_line_and_keeps_earlier_checkpoints(tmp_path, one_device):
   workdir = str(tmp_path / 'w')
   args = ['launch.train', '--config=experiments/quickstart.py', f'--workdir={workdir}',
-          '--config.train.epochs=3', '--config.model.width=64']
+          '--config.train.epochs=3', '--config.model.width=64',
+          '--config.train.checkpoint_every_s=0']   # a checkpoint at each evaluation
   failing = launch(*args, fault='checkpoint_save@3:enospc')
   out, err = failing.communicate(timeout=300)
   assert failing.returncode == 1

@@ -433,8 +433,9 @@ def test_a_full_disk_fails_the_run_in_one_line_and_keeps_earlier_checkpoints(
       raise OSError(errno.ENOSPC, 'No space left on device', self.metrics_path)
     real(self, row)
   monkeypatch.setattr(RunDir, 'append_metrics', full_on_third)
+  every_eval = tiny(**{'train.checkpoint_every_s': 0})   # a checkpoint at each evaluation
   with pytest.raises(OSError):
-    train_and_evaluate(tiny(), workdir, mesh=one_device, log=quiet)
+    train_and_evaluate(every_eval, workdir, mesh=one_device, log=quiet)
   monkeypatch.undo()
   status = RunDir(workdir).read_status()
   assert status['status'] == 'failed'
@@ -444,7 +445,7 @@ def test_a_full_disk_fails_the_run_in_one_line_and_keeps_earlier_checkpoints(
   assert ckpt.steps() == [40, 80]
   for step in (40, 80):   # every earlier checkpoint restores
     evaluate.evaluate_checkpoint(workdir, str(step), mesh=one_device)
-  assert train_and_evaluate(tiny(), workdir, mesh=one_device, log=quiet)['status'] == 'done'
+  assert train_and_evaluate(every_eval, workdir, mesh=one_device, log=quiet)['status'] == 'done'
   assert rows_of(workdir) == rows_of(straight)
 
 

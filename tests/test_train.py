@@ -27,7 +27,8 @@ def small_config(**train):
 @pytest.fixture(scope='module')
 def finished_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('run') / 'w')
-  status = train_and_evaluate(small_config(), workdir, log=quiet)
+  # A checkpoint at every evaluation: the kept ones are then the 2 latest and the best.
+  status = train_and_evaluate(small_config(checkpoint_every_s=0), workdir, log=quiet)
   return workdir, status
 
 
