@@ -11,7 +11,7 @@ Local variant, sized for 2 CPU cores, on the CIFAR-10 subset beside the repo
   Measured (2-core CPU, 3 min 49 s, seed 0): best val_accuracy 0.531; that checkpoint
   scores 0.533 on test_batch (1017 images), 0.532 with --tta=flip.
 """
-from lib.config import base_config
+from lib.core.config import base_config
 
 
 def get_config(arg=None):

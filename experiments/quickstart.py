@@ -4,7 +4,7 @@
 
 Expected: val_accuracy about 0.98 after 20 epochs (measured 2-core CPU: see README).
 """
-from lib.config import base_config
+from lib.core.config import base_config
 
 
 def get_config(arg=None):

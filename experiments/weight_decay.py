@@ -8,7 +8,7 @@ and for each L2 strength lambda in (1e-4, 5e-4): an L2 penalty lambda/2 sum w^2 
 loss, and decoupled decay w -= lr * wd * w at the strength matched to it}. Arm names carry
 lambda: `momentum_decoupled_5e-04` is the decoupled arm matched to `momentum_l2_5e-04`.
 
-Matching. lib/optim.py adds decoupled decay after the direction, while L2's gradient
+Matching. lib/training/optim.py adds decoupled decay after the direction, while L2's gradient
 lambda * w goes through it, so one value of lambda and wd is not one strength:
   * plain SGD: the same update for wd = lambda;
   * momentum beta: the L2 gradient accumulates in the momentum buffer to

@@ -13,7 +13,9 @@ import jax
 from absl import flags
 
 from experiments import quickstart
-from lib import benchmark, cli, data
+from lib.core import cli
+from lib.data import datasets as data
+from lib.diagnostics import benchmark
 
 _MODELS = flags.DEFINE_list('models', ['mlp', 'resnet20'], 'Models for the step benchmark.')
 _BATCH = flags.DEFINE_integer('batch_size', 128, 'Global batch size.')

@@ -7,7 +7,7 @@
 Runs the command once uninterrupted (W/reference), then again (W/chaos), killing
 it N times (kill -9 of its process group: at random times, half-way through a
 metrics write, during a checkpoint save) and relaunching it until it ends, and
-compares every run directory with the reference (lib/chaos.py). Exits 1 on any
+compares every run directory with the reference (lib/runs/chaos.py). Exits 1 on any
 difference. The run needs more evaluations than kills (train.eval_every).
 """
 import sys
@@ -15,8 +15,9 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from lib import chaos, cli
-from lib.errors import UserError
+from lib.core import cli
+from lib.core.errors import UserError
+from lib.runs import chaos
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config or sweep module.',
                                           lock_config=True)
@@ -40,7 +41,7 @@ def main(argv):
   config = config_flags.get_config_filename(flags.FLAGS['config'])
   mode = _MODE.value
   if mode == 'auto':
-    from lib import sweep as sweep_lib
+    from lib.sweeps import sweep as sweep_lib
     module = config.partition(':')[0]
     mode = 'sweep' if sweep_lib.has_sweep(module) else 'train'
   if _KILLS.value < 1:

@@ -11,7 +11,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from lib import cli
+from lib.core import cli
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:arg].',
                                           lock_config=True)
@@ -38,12 +38,12 @@ flags.mark_flags_as_required(['workdir'])
 
 def main(argv):
   del argv
-  from lib import diagnose
+  from lib.diagnostics import diagnose
   config = cli.config(_CONFIG) if flags.FLAGS['config'].present else None
   checks = _CHECKS.value or ([c for c in diagnose.NEEDS_CONFIG] if config is not None else []) \
       + (['curves'] if _CURVES.value else [])
   if not checks:
-    from lib.errors import UserError
+    from lib.core.errors import UserError
     raise UserError('nothing to check: pass --config=experiments/<x>.py and/or --curves_from=DIR')
   options = {'overfit_batches': _BATCHES.value, 'overfit_steps': _OVERFIT_STEPS.value,
              'lr_min': _LR_MIN.value, 'lr_max': _LR_MAX.value, 'lr_points': _LR_POINTS.value,

@@ -7,7 +7,8 @@ import json
 
 from absl import flags
 
-from lib import cli, evaluate, sharding
+from lib.core import cli, sharding
+from lib.runs import evaluate
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory written by launch.train.')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', 'best', 'best, latest or a step number.')

@@ -1,17 +1,17 @@
-"""The ablation factors (lib/factors.py) as the README's table.
+"""The ablation factors (lib/core/factors.py) as the README's table.
 
   python -m launch.factors            # print the table
   python -m launch.factors --write    # rewrite README.md's generated section
 """
 from absl import flags
 
-from lib import cli
+from lib.core import cli
 
 _WRITE = flags.DEFINE_bool('write', False, 'Rewrite the factor table of README.md in place.')
 
 
 def main(argv):
-  from lib import augment, factors, regularize  # noqa: F401  (their registrations)
+  from lib.core import factors
   if not _WRITE.value:
     print(factors.markdown_table())
     return

@@ -5,7 +5,7 @@ for searches) and prints the ranked table. Also run at the end of launch.sweep.
 """
 from absl import flags
 
-from lib import cli
+from lib.core import cli
 
 _METRIC = flags.DEFINE_enum('metric', None, ['best_val_accuracy', 'final_val_accuracy',
                                               'test_accuracy'],
@@ -15,9 +15,9 @@ _METRIC = flags.DEFINE_enum('metric', None, ['best_val_accuracy', 'final_val_acc
 
 def main(argv):
   if len(argv) != 2:
-    from lib.errors import UserError
+    from lib.core.errors import UserError
     raise UserError('usage: python -m launch.report W (one sweep directory)')
-  from lib import report
+  from lib.sweeps import report
   report.write_and_print(argv[1], _METRIC.value)
 
 

@@ -7,7 +7,7 @@ Each run is W/<arm>/seed_<k>, trained by the same code as launch.train. Rerunnin
 the command skips finished runs and resumes interrupted ones. At the end it writes
 W/results.csv, W/report.md and the plots (launch.report) and prints the ranked table.
 --vectorize (or --config.train.vectorize=True) trains the runs that can share a
-program together, as arms of one compiled program (lib/arms.py, lib/group_train.py).
+program together, as arms of one compiled program (lib/training/arms.py, lib/runs/group_train.py).
 """
 import json
 import sys
@@ -15,10 +15,10 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from lib import cli, sharding
-from lib import runner
-from lib import sweep as sweep_lib
-from lib.errors import UserError
+from lib.core import cli, sharding
+from lib.core.errors import UserError
+from lib.sweeps import runner
+from lib.sweeps import sweep as sweep_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment module[:arg] with '
                                           'get_config(arg) and get_sweep(arg).', lock_config=True)
@@ -106,7 +106,7 @@ def main(argv):
   except runner.Killed as e:
     sys.exit(f'stopped: {e}')
   if _REPORT.value and primary and (_WAIT.value or _EXECUTOR.value == 'local'):
-    from lib import report
+    from lib.sweeps import report
     report.write_and_print(workdir)
 
 

@@ -8,7 +8,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from lib import cli, sharding
+from lib.core import cli, sharding
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:arg].',
                                           lock_config=True)
@@ -26,7 +26,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   del argv
   sharding.initialize_distributed(_DISTRIBUTED.value)
-  from lib import train  # after distributed init
+  from lib.runs import train  # after distributed init
   try:
     status = train.train_and_evaluate(cli.config(_CONFIG), _WORKDIR.value, fresh=_FRESH.value,
                                       stop_after_step=_STOP.value)

@@ -6,9 +6,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from lib import augment
-from lib.config import base_config
-from lib.errors import UserError
+from lib.core.config import base_config
+from lib.core.errors import UserError
+from lib.training import augment
 
 
 def aug_config(**kw):

@@ -1,4 +1,4 @@
-"""The process cache's policy (lib/cache.py): one dataset, one evaluation engine that
+"""The process cache's policy (lib/core/cache.py): one dataset, one evaluation engine that
 goes with it, compiled programs shared by key and LRU-bounded, clear() frees."""
 import gc
 import weakref
@@ -6,9 +6,12 @@ import weakref
 import jax
 import pytest
 
-from lib import cache, data, evaluate, sharding, train
-from lib import config as config_lib
-from lib import vector_engine as ve
+from lib.core import cache, sharding
+from lib.core import config as config_lib
+from lib.data import datasets as data
+from lib.runs import evaluate, train
+from lib.training import resolve as resolve_lib
+from lib.training import vector_engine as ve
 from conftest import quickstart_mlp
 
 
@@ -44,7 +47,7 @@ def test_a_second_dataset_replaces_the_first_and_frees_it(fresh):
 
 
 def test_two_engines_of_one_program_compile_it_once_and_hold_no_data(fresh):
-  configs = [config_lib.resolve(quickstart_mlp(1, seed=s)) for s in range(4)]
+  configs = [resolve_lib.resolve(quickstart_mlp(1, seed=s)) for s in range(4)]
   dataset = data.load(configs[0].data)
   ve.VectorEngine(configs[:2], dataset, jax.devices()[:1])._step(False)
   assert fresh.compiles == 1

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from experiments import quickstart
-from lib.train import train_and_evaluate
+from lib.runs.train import train_and_evaluate
 from tests.conftest import ROOT
 
 QUICK = ['--config=experiments/quickstart.py', '--config.train.epochs=1']

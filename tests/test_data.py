@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import ml_collections
 
-from lib import data
-from lib.config import base_config
-from lib.errors import UserError
+from lib.core.config import base_config
+from lib.core.errors import UserError
+from lib.data import datasets as data
 from tests.conftest import SHARED_CIFAR
 
 

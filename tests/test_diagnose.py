@@ -13,9 +13,12 @@ import numpy as np
 import pytest
 
 from experiments import quickstart
-from lib import curves, data, diagnose, models, sharding
-from lib.registry import Entry
-from lib.train import train_and_evaluate
+from lib.core import sharding
+from lib.core.registry import Entry
+from lib.data import datasets as data
+from lib.diagnostics import curves, diagnose
+from lib.model import models
+from lib.runs.train import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 quiet = lambda message: None

@@ -1,4 +1,4 @@
-"""The factor table (lib/factors.py): every factor declared once, and what derives
+"""The factor table (lib/core/factors.py): every factor declared once, and what derives
 from it. A throwaway factor, declared and registered here, is validated,
 vectorized and documented with nothing else added."""
 import jax
@@ -6,10 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lib import arms, augment, data, engine, factors, sharding, steps
-from lib import config as config_lib
-from lib import vector_engine as ve
-from lib.errors import UserError
+from lib.core import factors, sharding
+from lib.core import config as config_lib
+from lib.core.errors import UserError
+from lib.data import datasets as data
+from lib.training import arms, augment, engine, steps
+from lib.training import resolve as resolve_lib
+from lib.training import vector_engine as ve
 from conftest import quickstart_mlp
 
 KEY = 'augment.test_tint'
@@ -42,7 +45,7 @@ def test_every_factor_is_a_config_key_at_its_off_value_and_derivations_agree():
     assert flat[key] == f.initial, key
     if f.off is not None:
       assert not factors.is_on(key, flat[key]), key
-  hp = steps.hparams(config_lib.resolve(config_lib.base_config()))
+  hp = steps.hparams(resolve_lib.resolve(config_lib.base_config()))
   assert set(hp) == {f.field for f in factors.traced()}
   assert all(v.dtype == np.float32 for v in hp.values())
   # Keys that do not change the program: seed, traced / init / stop factors, watch keys.
@@ -59,9 +62,9 @@ def test_a_new_factor_is_validated(tint):
   assert c.augment.test_tint == 0.0                     # base_config has the key
   c.augment.test_tint = -1.0
   with pytest.raises(UserError, match=r'augment.test_tint=-1.0 must be >= 0 \(0 = off\)'):
-    config_lib.resolve(c)
+    resolve_lib.resolve(c)
   c.augment.test_tint = 0.5
-  assert config_lib.resolve(c).augment.test_tint == 0.5
+  assert resolve_lib.resolve(c).augment.test_tint == 0.5
 
 
 def test_a_new_factor_is_documented(tint):
@@ -70,8 +73,8 @@ def test_a_new_factor_is_documented(tint):
 
 
 def test_a_new_factor_is_vectorized_and_an_off_arm_computes_its_own_run(tint):
-  off = config_lib.resolve(quickstart_mlp(1, **{'train.batch_size': 64}))
-  on = config_lib.resolve(quickstart_mlp(1, **{'train.batch_size': 64, KEY: 0.5}))
+  off = resolve_lib.resolve(quickstart_mlp(1, **{'train.batch_size': 64}))
+  on = resolve_lib.resolve(quickstart_mlp(1, **{'train.batch_size': 64, KEY: 0.5}))
   groups, _ = arms.group([config_lib.to_json_dict(off), config_lib.to_json_dict(on)])
   assert groups == [[0, 1]]                            # one program for both
   program = arms.program_config([off, on])

@@ -5,10 +5,13 @@ import numpy as np
 import pytest
 
 from experiments import quickstart
-from lib import models, sharding, steps
-from lib.config import base_config, resolve
-from lib.rundir import RunDir
-from lib.train import train_and_evaluate
+from lib.core import sharding
+from lib.core.config import base_config
+from lib.model import models
+from lib.runs.rundir import RunDir
+from lib.runs.train import train_and_evaluate
+from lib.training import steps
+from lib.training.resolve import resolve
 
 quiet = lambda message: None
 

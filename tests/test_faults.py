@@ -1,4 +1,4 @@
-"""Fault injection with real processes: kill -9 at random moments (lib/chaos.py), two
+"""Fault injection with real processes: kill -9 at random moments (lib/runs/chaos.py), two
 launches on one workdir, a worker killed out of a --parallel sweep, a full disk,
 and a SLURM-style preemption through submitit's local executor."""
 import json
@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from lib import chaos, faults, lock
-from lib.checkpoint import Checkpoints
-from lib.rundir import RunDir
+from lib.runs import chaos, faults, lock
+from lib.runs.checkpoint import Checkpoints
+from lib.runs.rundir import RunDir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Small runs with an evaluation every 5-10 steps: every kill lands on unfinished work.

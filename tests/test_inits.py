@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lib import inits
-from lib.config import base_config
-from lib.errors import UserError
+from lib.core.config import base_config
+from lib.core.errors import UserError
+from lib.model import inits
 
 DENSE = (1000, 1000)
 CONV = (3, 3, 64, 128)

@@ -13,14 +13,17 @@ import jax
 import numpy as np
 import pytest
 
-from lib import (data, engine, evaluate, group_train, lock, provenance, runner, sharding,
-                 train)
-from lib import vector_engine as ve
-from lib.checkpoint import Checkpoints
-from lib.config import resolve
-from lib.errors import UserError
-from lib.rundir import RunDir
-from lib.train import Preempted, train_and_evaluate
+from lib.core import sharding
+from lib.core.errors import UserError
+from lib.data import datasets as data
+from lib.runs import evaluate, group_train, lock, provenance, train
+from lib.runs.checkpoint import Checkpoints
+from lib.runs.rundir import RunDir
+from lib.runs.train import Preempted, train_and_evaluate
+from lib.sweeps import runner
+from lib.training import engine
+from lib.training import vector_engine as ve
+from lib.training.resolve import resolve
 from conftest import quickstart_mlp
 
 quiet = lambda message: None

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lib import losses
-from lib.errors import UserError
+from lib.core.errors import UserError
+from lib.training import losses
 
 
 def onehot(labels, c):

@@ -4,9 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lib import models
-from lib.config import base_config, resolve
-from lib.errors import UserError
+from lib.core.config import base_config
+from lib.core.errors import UserError
+from lib.model import models
+from lib.training.resolve import resolve
 
 
 def build(name, classes=10, **kw):

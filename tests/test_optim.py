@@ -4,9 +4,9 @@ import numpy as np
 import optax
 import pytest
 
-from lib import optim
-from lib.config import base_config
-from lib.errors import UserError
+from lib.core.config import base_config
+from lib.core.errors import UserError
+from lib.training import optim
 
 
 def config(**kw):
@@ -127,7 +127,7 @@ def test_bad_optimizer_config_fails_clearly():
 
 
 def _decay_alone(l2, weight_decay, steps=500):
-  # A weight whose only gradient is the L2 term, through lib/optim.py's real chain
+  # A weight whose only gradient is the L2 term, through lib/training/optim.py's real chain
   # (momentum 0.9, constant lr 0.1): what is left of it after `steps` steps.
   c = config(optim__name='momentum', optim__momentum=0.9, schedule__name='constant')
   build, _ = optim.make(c, steps, 10)

@@ -5,9 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lib import models, regularize, steps
-from lib.config import base_config, resolve
-from lib.errors import UserError
+from lib.core.config import base_config
+from lib.core.errors import UserError
+from lib.model import models
+from lib.training import regularize, steps
+from lib.training.resolve import resolve
 
 
 def hp(**kw):

@@ -8,8 +8,9 @@ import time
 
 import pytest
 
-from lib import lock, report
-from lib.rundir import RunDir
+from lib.runs import lock
+from lib.runs.rundir import RunDir
+from lib.sweeps import report
 
 NAN = float('nan')
 

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 from experiments import quickstart_sweep
-from lib import config as config_lib
-from lib import report, runner
-from lib import sweep as sweep_lib
-from lib.errors import UserError
-from lib.rundir import RunDir
+from lib.core import config as config_lib
+from lib.core.errors import UserError
+from lib.runs.rundir import RunDir
+from lib.sweeps import report, runner
+from lib.sweeps import sweep as sweep_lib
+from lib.training import resolve as resolve_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 quiet = lambda message: None
@@ -132,27 +133,27 @@ def test_arm_overrides_apply_after_the_base_and_seed_last():
 
 
 def test_a_resolved_config_is_resolved_once_and_stays_so_until_changed():
-  c = config_lib.resolve(tiny_base())
-  assert config_lib.is_resolved(c) and config_lib.resolve(c) is c
+  c = resolve_lib.resolve(tiny_base())
+  assert config_lib.is_resolved(c) and resolve_lib.resolve(c) is c
   d = config_lib.to_json_dict(c)
   assert config_lib.to_json_dict(c) is d and d['model']['depth'] > 0   # computed once
   rebuilt = config_lib.from_resolved_json_dict(d)   # a task's config, across a worker
   assert config_lib.is_resolved(rebuilt) and rebuilt.to_dict() == c.to_dict()
   assert not config_lib.is_resolved(config_lib.from_json_dict(d))   # config.json: not trusted
   c.train.epochs = 3   # a value set afterwards is resolved (checked) again
-  assert not config_lib.is_resolved(c) and config_lib.resolve(c) is not c
+  assert not config_lib.is_resolved(c) and resolve_lib.resolve(c) is not c
   assert not config_lib.is_resolved(tiny_base())
 
 
 def test_a_sweep_resolves_each_run_once(tmp_path, monkeypatch):
   resolved = []
-  real = config_lib.resolve
+  real = resolve_lib.resolve
 
   def counting(config):
     if not config_lib.is_resolved(config):
       resolved.append(config.seed)
     return real(config)
-  monkeypatch.setattr(config_lib, 'resolve', counting)
+  monkeypatch.setattr(resolve_lib, 'resolve', counting)
   tasks, _ = tasks_for(str(tmp_path / 'w'), base=tiny_base(epochs=1),
                        spec={'arms': {'a': {}}, 'seeds': 2})
   assert resolved == [0, 1]   # by plan, before anything is launched

@@ -6,11 +6,14 @@ import numpy as np
 import pytest
 
 from experiments import quickstart
-from lib import data, engine, evaluate, sharding
-from lib.config import resolve
-from lib.errors import UserError
-from lib.rundir import RunDir
-from lib.train import Preempted, train_and_evaluate
+from lib.core import sharding
+from lib.core.errors import UserError
+from lib.data import datasets as data
+from lib.runs import evaluate
+from lib.runs.rundir import RunDir
+from lib.runs.train import Preempted, train_and_evaluate
+from lib.training import engine
+from lib.training.resolve import resolve
 
 quiet = lambda message: None
 DETERMINISTIC = ('step', 'epoch', 'running_train_loss', 'running_train_accuracy', 'train_eval_loss',

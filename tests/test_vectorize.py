@@ -9,12 +9,17 @@ import numpy as np
 import pytest
 
 from experiments import quickstart
-from lib import arms, cache, data, evaluate, group_train, report, runner, sharding, train
-from lib import config as config_lib
-from lib import sweep as sweep_lib
-from lib import vector_engine as ve
-from lib.errors import UserError
-from lib.rundir import RunDir
+from lib.core import cache, sharding
+from lib.core import config as config_lib
+from lib.core.errors import UserError
+from lib.data import datasets as data
+from lib.runs import evaluate, group_train, train
+from lib.runs.rundir import RunDir
+from lib.sweeps import report, runner
+from lib.sweeps import sweep as sweep_lib
+from lib.training import arms
+from lib.training import resolve as resolve_lib
+from lib.training import vector_engine as ve
 from conftest import quickstart_mlp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +41,7 @@ def tiny_resnet(**overrides):
 
 
 def as_dict(c):
-  return config_lib.to_json_dict(config_lib.resolve(c))
+  return config_lib.to_json_dict(resolve_lib.resolve(c))
 
 
 def assert_same_metrics(a_dir, b_dir, atol=1e-5):
@@ -73,8 +78,8 @@ def test_runs_group_by_shared_program_and_say_why_not():
 
 
 def test_program_turns_on_what_any_arm_uses_and_off_arms_get_identities():
-  off = config_lib.resolve(mlp(**{'optim.lr': 0.3}))
-  on = config_lib.resolve(mlp(**{'regularize.dropout': 0.5, 'augment.resized_crop_scale': 0.6,
+  off = resolve_lib.resolve(mlp(**{'optim.lr': 0.3}))
+  on = resolve_lib.resolve(mlp(**{'regularize.dropout': 0.5, 'augment.resized_crop_scale': 0.6,
                                  'augment.mixup_alpha': 0.2, 'seed': 4}))
   program = arms.program_config([off, on])
   assert program.regularize.dropout == 0.5 and program.augment.resized_crop_scale == 0.6
@@ -234,7 +239,7 @@ def test_early_stop_and_divergence_end_single_arms_only(tmp_path):
 
 
 def test_programs_shrink_to_fit_the_memory_budget(tmp_path, devices):
-  configs = [config_lib.resolve(mlp(**{'seed': s})) for s in range(4)]
+  configs = [resolve_lib.resolve(mlp(**{'seed': s})) for s in range(4)]
   dataset = data.load(configs[0].data)
   need4 = ve.VectorEngine(configs, dataset, devices[:1]).bytes_per_device()
   need1 = ve.VectorEngine(configs[:1], dataset, devices[:1]).bytes_per_device()

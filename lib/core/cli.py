@@ -1,0 +1,55 @@
+"""Shared entry-point plumbing: bad input becomes one line on stderr, exit 1."""
+import sys
+
+from absl import app, flags, logging
+
+from lib.core.errors import UserError, WRITE_ERRNOS, failure_reason
+
+
+def _one_line(e: Exception) -> str:
+  text = str(e)
+  if 'Traceback (most recent call last)' in text:   # an exception inside get_config(arg)
+    lines = [l for l in text.splitlines() if l.strip()]
+    text = f'{lines[0].split(" Error whilst")[0]} {lines[-1].strip()}'
+  text = text.replace('\\n', ' ').replace('\n', ' ').replace('\\', '').replace("'", '')
+  return ' '.join(text.strip('" ').split())
+
+
+def config(holder):
+  """The --config value; a file that failed to load is one clear line."""
+  try:
+    value = holder.value
+    value.keys()   # a config that failed to load raises on first use
+    return value
+  except OSError as e:
+    first = next((l.strip() for l in str(e).splitlines() if 'No such file' in l or 'Error' in l),
+                 str(e).splitlines()[0])
+    raise UserError(f'cannot load --config: {first}') from None
+
+
+def _parse(argv):
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f'error: {_one_line(e)}')
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    # ml_collections raises these for an unknown or mistyped --config.key, and
+    # an experiment's get_config(arg) for an unknown variant.
+    overrides = [a for a in argv[1:] if a.startswith('--config.')]
+    where = f'override in {" ".join(overrides)}' if overrides else '--config'
+    sys.exit(f'error: bad config {where}: {_one_line(e)}')
+
+
+def run(main) -> None:
+  def guarded(argv):
+    if not flags.FLAGS['verbosity'].present:
+      logging.set_verbosity(logging.ERROR)   # Orbax/absl INFO lines drown the progress
+    try:
+      return main(argv)
+    except UserError as e:
+      sys.exit(f'error: {e}')
+    except OSError as e:   # a full disk, a read-only or forbidden directory: one line
+      if e.errno not in WRITE_ERRNOS:
+        raise
+      sys.exit(f'error: {failure_reason(e)}')
+  app.run(guarded, flags_parser=_parse)

@@ -1,0 +1,3 @@
+"""Datasets: the sources (digits, cifar_dir, npz, tfds), the train/val split and normalization
+statistics. Imports only lib.core.
+"""

@@ -1,0 +1,221 @@
+"""Image-classification datasets held whole in memory as uint8 NHWC + int32 labels.
+
+Each source returns (train, test, num_classes); `load` then carves a fixed
+validation split out of train, so model selection never sees the test split,
+and computes per-channel normalization statistics on the training split only.
+"""
+import dataclasses
+import glob
+import os
+import pickle
+from typing import Optional, Tuple
+
+import numpy as np
+
+from lib.core import cache
+from lib.core.errors import UserError
+from lib.core.registry import Registry
+
+SOURCES = Registry('data source', 'data.source')
+Split = Tuple[np.ndarray, np.ndarray]
+
+
+@dataclasses.dataclass
+class Dataset:
+  train: Split
+  val: Split
+  test: Optional[Split]
+  num_classes: int
+  mean: np.ndarray  # (C,) float32, of train images scaled to [0, 1]
+  std: np.ndarray
+
+  @property
+  def image_shape(self):
+    return tuple(self.train[0].shape[1:])
+
+  def train_eval_indices(self) -> np.ndarray:
+    """A fixed subset of the training split, as many images as val: evaluated like
+    val at every evaluation (train_eval_* metrics), for a train-val gap measured
+    without augmentation or regularization. The same for every run of this data."""
+    n, k = len(self.train[1]), len(self.val[1])
+    return np.sort(np.random.RandomState(0).permutation(n)[:min(k, n)]).astype(np.int32)
+
+  def split(self, name: str) -> Split:
+    if name not in ('train', 'val', 'test'):
+      raise UserError(f'unknown split {name!r}; valid: train, val, test')
+    out = getattr(self, name)
+    if out is None or len(out[1]) == 0:
+      raise UserError(f'this dataset has no {name} split')
+    return out
+
+
+def _check(images, labels, where):
+  if images.ndim != 4 or images.dtype != np.uint8:
+    raise UserError(f'{where}: images must be uint8 of shape (N, H, W, C), '
+                    f'got {images.dtype} {images.shape}')
+  if labels.shape != (images.shape[0],):
+    raise UserError(f'{where}: labels shape {labels.shape} does not match '
+                    f'{images.shape[0]} images')
+  return images, labels.astype(np.int32)
+
+
+def _digits_arrays():
+  """(images (1797, 8, 8) in 0..16, labels) of scikit-learn's bundled digits, read from
+  the CSV the package ships (importing sklearn.datasets costs a second per process);
+  load_digits where that file is not found."""
+  import importlib.util
+  spec = importlib.util.find_spec('sklearn')
+  for base in (spec.submodule_search_locations or []) if spec else []:
+    path = os.path.join(base, 'datasets', 'data', 'digits.csv.gz')
+    if os.path.exists(path):
+      table = np.loadtxt(path, delimiter=',')
+      return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int32)
+  from sklearn.datasets import load_digits
+  d = load_digits()
+  return d.images, d.target.astype(np.int32)
+
+
+@SOURCES.register('digits')
+def _digits(data_config):
+  """scikit-learn's bundled 8x8 digits; a fixed 360-image test split."""
+  pixels, labels = _digits_arrays()
+  images = np.round(pixels * (255.0 / 16.0)).astype(np.uint8)[..., None]
+  perm = np.random.RandomState(1234).permutation(len(labels))
+  test, train = np.sort(perm[:360]), np.sort(perm[360:])
+  return (images[train], labels[train]), (images[test], labels[test]), 10
+
+
+def _unpickle(path):
+  with open(path, 'rb') as f:
+    return pickle.load(f, encoding='bytes')
+
+
+def _cifar_batch(path):
+  d = _unpickle(path)
+  key = b'labels' if b'labels' in d else b'fine_labels'
+  if b'data' not in d or key not in d:
+    raise UserError(f'{path} is not a CIFAR "python version" batch '
+                    '(needs b"data" and b"labels" or b"fine_labels")')
+  images = np.asarray(d[b'data'], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+  return np.ascontiguousarray(images), np.asarray(d[key], np.int32), key
+
+
+@SOURCES.register('cifar_dir')
+def _cifar_dir(data_config):
+  """CIFAR-10 (data_batch_*, test_batch) or CIFAR-100 (train, test) pickles."""
+  path = data_config.path
+  if not path or not os.path.isdir(path):
+    raise UserError(f'data.path={path!r} is not a directory; pass '
+                    '--config.data.path=<CIFAR "python version" directory>')
+  train_files = sorted(glob.glob(os.path.join(path, 'data_batch_*')))
+  test_file = os.path.join(path, 'test_batch')
+  if not train_files and os.path.exists(os.path.join(path, 'train')):
+    train_files, test_file = [os.path.join(path, 'train')], os.path.join(path, 'test')
+  if not train_files:
+    raise UserError(f'no data_batch_* or train file in data.path={path!r}; '
+                    'expected the CIFAR-10/100 "python version" layout')
+  parts = [_cifar_batch(f) for f in train_files]
+  train = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+  test = _cifar_batch(test_file)[:2] if os.path.exists(test_file) else None
+  num_classes = 100 if parts[0][2] == b'fine_labels' else 10
+  return train, test, num_classes
+
+
+@SOURCES.register('npz')
+def _npz(data_config):
+  """`images` (N,H,W,C) uint8 and `labels` (N,); optional test_images/test_labels."""
+  path = data_config.path
+  if not path or not os.path.isfile(path):
+    raise UserError(f'data.path={path!r} is not a file; pass '
+                    '--config.data.path=<.npz with images and labels>')
+  with np.load(path) as f:
+    if 'images' not in f or 'labels' not in f:
+      raise UserError(f'{path} needs arrays "images" and "labels"; has {sorted(f.keys())}')
+    train = _check(f['images'], f['labels'], path)
+    test = None
+    if 'test_images' in f:
+      test = _check(f['test_images'], f['test_labels'], path + ' (test)')
+    num_classes = int(f['num_classes']) if 'num_classes' in f else None
+  if num_classes is None:
+    num_classes = int(max(train[1].max(), -1 if test is None else test[1].max())) + 1
+  return train, test, num_classes
+
+
+def _tfds_split(name, split, data_dir):
+  import tensorflow_datasets as tfds
+  try:
+    source = tfds.data_source(name, split=split, data_dir=data_dir or None)
+  except Exception as e:  # tfds raises several types for "not prepared"
+    raise UserError(
+        f'tfds dataset {name!r} split {split!r} could not be opened in '
+        f'data_dir={data_dir or "~/tensorflow_datasets"} ({type(e).__name__}); '
+        f'prepare it once as ArrayRecord (needs TensorFlow, see README): '
+        f'tfds build {name} --file_format=array_record') from None
+  info = source.dataset_info
+  image_key = next((k for k in ('image', 'img') if k in info.features), None)
+  if image_key is None or 'label' not in info.features:
+    raise UserError(f'tfds dataset {name!r} has no image/label features: '
+                    f'{list(info.features)}')
+  records = []
+  for start in range(0, len(source), 1024):   # batched reads; decoding dominates
+    keys = list(range(start, min(start + 1024, len(source))))
+    try:
+      records.extend(source.__getitems__(keys))
+    except TypeError:   # sources without batched reads (e.g. tfds.testing.mock_data)
+      records.extend(source[k] for k in keys)
+  images = np.stack([np.asarray(r[image_key], np.uint8) for r in records])
+  if images.ndim == 3:
+    images = images[..., None]
+  labels = np.asarray([r['label'] for r in records], np.int32)
+  return (images, labels), info.features['label'].num_classes, info
+
+
+@SOURCES.register('tfds')
+def _tfds(data_config):
+  """Any TFDS image-classification dataset through tfds.data_source (no TensorFlow)."""
+  if not data_config.name:
+    raise UserError('data.source=tfds needs --config.data.name=<tfds name, e.g. cifar10>')
+  train, num_classes, _ = _tfds_split(data_config.name, 'train', data_config.path)
+  try:  # not every dataset has a test split
+    test = _tfds_split(data_config.name, 'test', data_config.path)[0]
+  except UserError:
+    test = None
+  return train, test, num_classes
+
+
+def split_train_val(n: int, val_fraction: float, split_seed: int):
+  """Fixed (sorted) train and val indices of a training split of size n."""
+  n_val = int(round(n * val_fraction))
+  perm = np.random.RandomState(split_seed).permutation(n)
+  return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def channel_stats(images: np.ndarray):
+  x = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+  return x.mean(0).astype(np.float32), np.maximum(x.std(0), 1e-3).astype(np.float32)
+
+
+def load(data_config) -> Dataset:
+  """The dataset of `data_config`. A process that trains several runs on the same data
+  (a sweep) reads it once: the process cache (lib/core/cache.py) keeps the last dataset
+  loaded, keyed by the config and the modification time of its path."""
+  path = os.path.expanduser(data_config.path) if data_config.path else ''
+  key = (repr(sorted(data_config.to_dict().items())),
+         os.path.getmtime(path) if path and os.path.exists(path) else None)
+  dataset = cache.process_cache().dataset(key, lambda: _load(data_config))
+  return dataclasses.replace(dataset)   # callers may set num_classes on their copy
+
+
+def _load(data_config) -> Dataset:
+  train, test, num_classes = SOURCES.get(data_config.source).fn(data_config)
+  if len(train[1]) and (train[1].min() < 0 or train[1].max() >= num_classes):
+    raise UserError(f'labels must lie in 0..{num_classes - 1}; got '
+                    f'{train[1].min()}..{train[1].max()}')
+  tr, va = split_train_val(len(train[1]), data_config.val_fraction, data_config.split_seed)
+  if len(va) == 0:
+    raise UserError(f'data.val_fraction={data_config.val_fraction} leaves no validation '
+                    f'images out of {len(train[1])}; raise it')
+  val = (train[0][va], train[1][va])
+  train = (train[0][tr], train[1][tr])
+  mean, std = channel_stats(train[0])
+  return Dataset(train, val, test, num_classes, mean, std)

@@ -1,0 +1,3 @@
+"""The tuning recipe's checks, learning-curve diagnoses and the benchmark. Imports the
+packages below it.
+"""

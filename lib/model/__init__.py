@@ -1,0 +1,2 @@
+"""Flax Linen classifiers, their normalizations and initializers. Imports only lib.core.
+"""

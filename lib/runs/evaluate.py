@@ -1,0 +1,61 @@
+"""Restore a run's checkpoint on whatever devices are present and evaluate it."""
+import json
+from typing import Any, Dict, Optional
+
+import ml_collections
+
+from lib.core import cache, sharding
+from lib.core import config as config_lib
+from lib.core.errors import UserError
+from lib.data import datasets as data
+from lib.runs.checkpoint import Checkpoints
+from lib.runs.rundir import RunDir
+from lib.training import engine
+
+
+def evaluate_checkpoint(workdir: str, checkpoint: str = 'best', split: str = 'val',
+                        tta: Optional[str] = None, data_source: Optional[str] = None,
+                        data_path: Optional[str] = None, mesh=None) -> Dict[str, Any]:
+  """Returns {"accuracy", "loss", "num_examples", "step"} for the chosen checkpoint.
+
+  data_source/data_path evaluate on another dataset of the same image shape,
+  normalized with the statistics of the run's own training split.
+  """
+  rundir = RunDir(workdir)
+  config = config_lib.from_json_dict(rundir.read_config())
+  checkpoints = Checkpoints(rundir.checkpoint_dir, read_only=True)
+  step = checkpoints.resolve(checkpoint)
+  meta = checkpoints.restore_meta(step)
+  if data_source or data_path:
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.data.source = data_source or config.data.source
+    config.data.path = data_path or config.data.path
+    config.lock()
+  dataset = data.load(config.data)
+  if list(dataset.image_shape) != list(meta['image_shape']):
+    raise UserError(f'images of shape {dataset.image_shape} do not fit the run, which was '
+                    f'trained on {tuple(meta["image_shape"])}')
+  if dataset.num_classes > meta['num_classes']:
+    raise UserError(f'the data has {dataset.num_classes} classes; the model has '
+                    f'{meta["num_classes"]}')
+  dataset.num_classes = meta['num_classes']
+  mesh = mesh if mesh is not None else sharding.make_mesh()
+  eng = _engine(config, dataset, mesh, meta)
+  state, _ = checkpoints.restore(step, eng.abstract_state())
+  result = eng.evaluate(state, split, tta)
+  checkpoints.close()
+  return {'accuracy': result['accuracy'], 'loss': result['loss'],
+          'num_examples': result['num_examples'], 'step': step}
+
+
+def _engine(config, dataset, mesh, meta) -> engine.Engine:
+  """An evaluation engine, kept by the process cache (lib/core/cache.py) for the next call
+  that needs the same program: the runs of a sweep (a vectorized group, or arms that
+  differ only in seeds and strengths) share one compiled evaluation. Only the last
+  one is kept, and it goes when another dataset is loaded (it holds this one's splits)."""
+  from lib.training import arms
+  key = json.dumps([sorted(arms.signature(config.to_dict()).items()),
+                    meta['mean'], meta['std'], meta['num_classes'], repr(mesh)])
+  return cache.process_cache().engine(
+      key, lambda: engine.Engine(config, dataset, mesh, mean=meta['mean'], std=meta['std'],
+                                 eval_only=True))

@@ -1,0 +1,201 @@
+"""One config compiled on one mesh: resident data, jitted steps, evaluation.
+
+Shared by the training loop, launch.eval and launch.benchmark, so all three
+run exactly the same compiled code.
+"""
+from typing import Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lib.core import sharding
+from lib.core.errors import UserError
+from lib.model import models
+from lib.training import optim, steps
+
+# The evaluation split of a fixed training subset (Dataset.train_eval_indices), kept
+# on device as a split of its own.
+TRAIN_EVAL = 'train_eval'
+
+
+def epoch_permutation(seed: int, epoch: int, n: int, steps_per_epoch: int, batch_size: int):
+  """(steps_per_epoch, batch_size) example indices: a fresh shuffle every epoch,
+  a function of (seed, epoch) only (the remainder of n is dropped)."""
+  perm = np.random.default_rng([seed, epoch]).permutation(n)
+  return perm[:steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size).astype(np.int32)
+
+
+def steps_per_epoch(config, dataset) -> int:
+  """Full batches in an epoch (the remainder of the training split is dropped)."""
+  b = config.train.batch_size
+  n = len(dataset.train[1]) // b
+  if n == 0:
+    raise UserError(f'train.batch_size={b} exceeds the {len(dataset.train[1])} training '
+                    'images; lower it')
+  return n
+
+
+class Engine:
+  """Compiled train/eval steps of `config` over `mesh`, with `dataset` on device.
+
+  mean/std default to the dataset's training statistics; evaluation of a
+  restored run passes the statistics recorded with its checkpoint (eval_only).
+  """
+
+  def __init__(self, config, dataset, mesh, mean=None, std=None, eval_only=False):
+    self.config, self.dataset, self.mesh = config, dataset, mesh
+    self.rep = sharding.replicated(mesh)
+    self.mean = np.asarray(dataset.mean if mean is None else mean, np.float32)
+    self.std = np.asarray(dataset.std if std is None else std, np.float32)
+    self.model = models.build(config.model, dataset.num_classes, config.regularize)
+    if eval_only:   # the training batch need not fit this data or these devices
+      self.steps_per_epoch = max(len(dataset.train[1]) // config.train.batch_size, 1)
+    else:
+      sharding.check_batch(config.train.batch_size, mesh)
+      self.steps_per_epoch = steps_per_epoch(config, dataset)
+    self.total_steps = config.train.epochs * self.steps_per_epoch
+    self.tx_build, self.lr_multiplier = optim.make(config, self.total_steps, self.steps_per_epoch)
+    self.hparams = {k: sharding.to_global(v, self.rep) for k, v in steps.hparams(config).items()}
+    # Per-engine caches (never functools.lru_cache on a method: its cache would keep
+    # every engine alive, with its data on device and its compiled programs).
+    self._on_device: Dict[str, tuple] = {}
+    self._eval_batches: Dict[str, tuple] = {}
+    self._eval_programs: Dict[str, object] = {}
+    train_step = steps.make_train_step(self.model, self.tx_build, config, mesh, self.mean,
+                                       self.std, dataset.num_classes, self.steps_per_epoch)
+    self._train_step = jax.jit(train_step, donate_argnums=(0, 5))
+    # Several simulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count)
+    # share one thread pool: with launches queued behind each other, a device's
+    # part can starve and its all-reduce deadlock. There, keep one launch in flight.
+    # Real accelerators keep asynchronous dispatch.
+    self._serialize = mesh.devices.size > 1 and mesh.devices.flat[0].platform == 'cpu'
+    self._zero_sums = jax.jit(steps.zero_sums, out_shardings=self.rep)
+    n = mesh.shape[sharding.DATA]   # the batch is split over the data axis only
+    self.eval_batch = -(-config.train.eval_batch_size // n) * n
+
+  # ----- state -----
+  def _init(self, hparams):
+    return steps.init_state(self.model, self.tx_build, hparams, self.config.seed,
+                            self.dataset.image_shape)
+
+  def init_state(self) -> steps.TrainState:
+    return jax.jit(self._init, out_shardings=self.rep)(self.hparams)
+
+  def owned(self, tree):
+    """A copy in XLA-owned buffers (safe to donate; a restored array may alias host memory)."""
+    return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=self.rep)(tree)
+
+  def abstract_state(self) -> steps.TrainState:
+    """Shapes, dtypes and the current (replicated) sharding: a restore target."""
+    shapes = jax.eval_shape(self._init, self.hparams)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.rep), shapes)
+
+  # ----- data on device -----
+  def split_on_device(self, name: str):
+    if name not in self._on_device:
+      if name == TRAIN_EVAL:   # its own copy, shaped like val: the same compiled evaluation
+        images, labels = self.dataset.split('train')
+        members = self.dataset.train_eval_indices()
+        images, labels = images[members], labels[members]
+      else:
+        images, labels = self.dataset.split(name)
+      self._on_device[name] = (sharding.to_global(images, self.rep),
+                               sharding.to_global(labels, self.rep))
+    return self._on_device[name]
+
+  def epoch_indices(self, epoch: int) -> jax.Array:
+    idx = epoch_permutation(self.config.seed, epoch, len(self.dataset.train[1]),
+                            self.steps_per_epoch, self.config.train.batch_size)
+    return sharding.to_global(idx, sharding.sharded_along(self.mesh, 2, axis=1))
+
+  def zero_sums(self):
+    # Made by XLA, not from host numpy: these buffers are donated to the step,
+    # and a CPU array built from numpy may alias host memory.
+    return self._zero_sums()
+
+  def train_step(self, state, epoch_indices, sums):
+    images, labels = self.split_on_device('train')
+    out = self._train_step(state, self.hparams, images, labels, epoch_indices, sums)
+    return jax.block_until_ready(out) if self._serialize else out
+
+  def learning_rate(self, step: int) -> float:
+    return float(self.config.optim.lr * self.lr_multiplier(step))
+
+  # ----- evaluation -----
+  def activations(self, state, split: str = 'val', examples: int = 256):
+    """[(name, values)] of every activation layer on the first `examples` images of
+    `split`, in evaluation mode (for train.tb_histograms)."""
+    if not hasattr(self, '_capture'):
+      names = []
+
+      def capture(state, images):
+        x = (images.astype(jnp.float32) / 255.0 - self.mean) / self.std
+        acts = models.activations(self.model, {'params': state.params,
+                                               'batch_stats': state.batch_stats}, x, train=False)
+        names[:] = [n for n, _ in acts]
+        return [a for _, a in acts]
+      self._capture = (jax.jit(capture), names)
+    fn, names = self._capture
+    images = self.dataset.split(split)[0][:examples]
+    values = jax.device_get(fn(state, images))
+    return list(zip(names, values))
+
+  def _eval_split(self, tta: str):
+    """One compiled program for a whole split: a scan over fixed padded batches.
+
+    One launch per evaluation (not one per batch) is also what keeps simulated
+    multi-device CPU runs safe: independent launches that each hold collectives
+    can deadlock XLA:CPU's shared thread pool.
+    """
+    if tta not in self._eval_programs:
+      self._eval_programs[tta] = jax.jit(self.eval_split_fn(tta))
+    return self._eval_programs[tta]
+
+  def eval_split_fn(self, tta: str):
+    """run(state, images, labels, idx, mask) -> sums of loss, correct, count (not jitted)."""
+    eval_step = steps.make_eval_step(self.model, self.mean, self.std, tta)
+
+    def run(state, images, labels, idx, mask):
+      def body(totals, batch):
+        out = eval_step(state, images, labels, *batch)
+        return jax.tree.map(jnp.add, totals, out), None
+      zeros = {k: jnp.zeros((), jnp.float32) for k in ('loss', 'correct', 'count')}
+      return jax.lax.scan(body, zeros, (idx, mask))[0]
+
+    return run
+
+  def evaluate(self, state, split: str = 'val', tta: Optional[str] = None) -> Dict[str, float]:
+    """Loss and accuracy over a whole split, in fixed padded batches, with
+    test-time augmentation `tta` (default: the config's train.eval_tta)."""
+    tta = self.check_tta(tta)
+    totals = jax.device_get(self._eval_split(tta)(state, *self.eval_inputs(split)))
+    return eval_result(totals)
+
+  def check_tta(self, tta: Optional[str]) -> str:
+    tta = self.config.train.eval_tta if tta is None else tta
+    if tta not in steps.TTA:
+      raise UserError(f'unknown tta {tta!r}; valid: {", ".join(steps.TTA)}')
+    return tta
+
+  def eval_inputs(self, split: str):
+    """(images, labels, idx, mask) of a split: its images on device and its fixed
+    padded batches, uploaded once. TRAIN_EVAL's subset is a split of its own on
+    device, as large as val (where the training split allows): the same shapes, so
+    it runs val's compiled evaluation, not one of its own."""
+    images, labels = self.split_on_device(split)
+    if split not in self._eval_batches:
+      n = int(labels.shape[0])
+      padded = np.arange(-(-n // self.eval_batch) * self.eval_batch).reshape(-1, self.eval_batch)
+      mask = padded < n
+      idx = np.where(mask, padded, 0).astype(np.int32)
+      rows = sharding.sharded_along(self.mesh, 2, axis=1)
+      self._eval_batches[split] = (sharding.to_global(idx, rows), sharding.to_global(mask, rows))
+    return (images, labels) + self._eval_batches[split]
+
+
+def eval_result(totals) -> Dict[str, float]:
+  """Loss and accuracy from an evaluation's host sums."""
+  count = int(totals['count'])
+  return {'loss': float(totals['loss']) / count, 'accuracy': float(totals['correct']) / count,
+          'num_examples': count}
