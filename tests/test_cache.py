@@ -21,9 +21,11 @@ def quiet(*_):
 
 @pytest.fixture
 def fresh():
-  """The process cache, emptied before and after the test."""
+  """The process cache, emptied (and its compile count zeroed: earlier tests of this
+  worker compiled through it) before and after the test."""
   c = cache.process_cache()
   c.clear()
+  c.compiles = 0
   yield c
   c.clear()
 
