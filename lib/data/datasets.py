@@ -100,13 +100,18 @@ def _cifar_batch(path):
   return np.ascontiguousarray(images), np.asarray(d[key], np.int32), key
 
 
+def _path(data_config, exists, kind: str, what: str) -> str:
+  """data.path, which `exists(path)` must accept, or one line naming the fix."""
+  path = data_config.path
+  if not path or not exists(path):
+    raise UserError(f'data.path={path!r} is not a {kind}; pass --config.data.path=<{what}>')
+  return path
+
+
 @SOURCES.register('cifar_dir')
 def _cifar_dir(data_config):
   """CIFAR-10 (data_batch_*, test_batch) or CIFAR-100 (train, test) pickles."""
-  path = data_config.path
-  if not path or not os.path.isdir(path):
-    raise UserError(f'data.path={path!r} is not a directory; pass '
-                    '--config.data.path=<CIFAR "python version" directory>')
+  path = _path(data_config, os.path.isdir, 'directory', 'CIFAR "python version" directory')
   train_files = sorted(glob.glob(os.path.join(path, 'data_batch_*')))
   test_file = os.path.join(path, 'test_batch')
   if not train_files and os.path.exists(os.path.join(path, 'train')):
@@ -124,10 +129,7 @@ def _cifar_dir(data_config):
 @SOURCES.register('npz')
 def _npz(data_config):
   """`images` (N,H,W,C) uint8 and `labels` (N,); optional test_images/test_labels."""
-  path = data_config.path
-  if not path or not os.path.isfile(path):
-    raise UserError(f'data.path={path!r} is not a file; pass '
-                    '--config.data.path=<.npz with images and labels>')
+  path = _path(data_config, os.path.isfile, 'file', '.npz with images and labels')
   with np.load(path) as f:
     if 'images' not in f or 'labels' not in f:
       raise UserError(f'{path} needs arrays "images" and "labels"; has {sorted(f.keys())}')
