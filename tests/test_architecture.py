@@ -100,3 +100,11 @@ def test_the_old_config_path_still_works():
   from lib.core import config
   from lib.training import resolve as resolve_lib
   assert base_config is config.base_config and resolve is resolve_lib.resolve
+
+
+def test_repo_root_is_the_folder_launchers_run_from():
+  # Modules one package deeper than before must not compute it from their own path.
+  from lib.core import config
+  from lib.runs import chaos, provenance
+  assert config.REPO_ROOT == ROOT and os.path.isdir(os.path.join(ROOT, 'launch'))
+  assert chaos.ROOT == provenance.ROOT == ROOT

@@ -10,8 +10,14 @@ from typing import Any, Dict, List
 
 import ml_collections
 
+import os
+
 from lib.core import factors
 from lib.core.errors import UserError
+
+# The repository root (launchers run from here; relative paths in a config, such as
+# data.path, are relative to it).
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Keys that change how a run is watched, not what it computes: a workdir may be
 # resumed with different values of these, and arms differing in them share a program.

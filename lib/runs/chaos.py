@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from lib.core import config as config_lib
 from lib.core.errors import UserError
 from lib.runs import faults
 from lib.runs.metrics import echo, format_duration
@@ -36,7 +37,7 @@ TIMINGS = ('examples_per_sec', 'wall_time')
 STATUS_KEYS = ('status', 'step', 'best_step', 'best_val_accuracy', 'final_val_accuracy',
                'stopped_early')
 KINDS = ('time', 'metrics_write', 'checkpoint_save')
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = config_lib.REPO_ROOT
 
 
 def command(launcher: str, config: str, workdir: str, args: Sequence[str] = ()) -> List[str]:

@@ -18,10 +18,11 @@ import time
 from importlib import metadata
 from typing import Any, Callable, Dict, List, Optional
 
+from lib.core import config as config_lib
 from lib.runs.rundir import RunDir, timestamp, write_json
 
 PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy', 'ml-collections')
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = config_lib.REPO_ROOT
 # What must match for a resumed run to compute what the first session would have.
 COMPARED = ('git_commit', 'git_dirty', 'python', 'packages')
 
