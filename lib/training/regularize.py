@@ -7,7 +7,7 @@ are comes in `hparams` as float32 arrays, so one program serves every strength.
   * L2 (lambda/2 * sum w^2) and L1 (lambda * sum |w|) penalties on the kernels
     (every parameter with regularize.decay_all_params), added to the loss;
   * activation L1 (alpha * sum |h| per example, summed over hidden layers; the
-    models sow the sums, see lib/model/models.py);
+    models sow the sums, see lib/model/layers.py);
   * DropConnect (Wan et al. 2013): each step zeroes a random fraction p of the
     weights of every dense kernel and scales the rest by 1/(1-p) (inverted, one
     mask per step for the whole batch), so evaluation uses the plain weights;
@@ -15,7 +15,7 @@ are comes in `hparams` as float32 arrays, so one program serves every strength.
   * FGSM adversarial inputs (`fgsm`);
   * label smoothing, Gaussian input noise, dropout,
     hidden-unit noise and stochastic depth are applied where they act (lib/training/steps.py,
-    lib/model/models.py).
+    lib/model/layers.py).
 
 Their ranges and off values are declared once, in lib/core/factors.py. The `params`
 and `loss` regularizers register here (`register`) and the train step applies
@@ -100,7 +100,7 @@ def _l1(params, decay, model_state, hp):
 
 @register('activation_l1', ['regularize.activation_l1'], 'loss')
 def _activation_l1(params, decay, model_state, hp):
-  """The models sow sum|h| / batch of each hidden activation (lib/model/models.py)."""
+  """The models sow sum|h| / batch of each hidden activation (lib/model/layers.py)."""
   return hp['activation_l1'] * sum(jax.tree.leaves(model_state['losses']))
 
 
