@@ -24,7 +24,8 @@ FLOW = [
     ('the loop', 'runs/loop.py: steps, evaluation cadence, early stopping, divergence'),
     ('run directory', 'runs/runbook.py: metrics.jsonl, TensorBoard, status.json,\n'
                       'Orbax checkpoints (runs/checkpoint.py), lock, provenance'),
-    ('report', 'sweeps/report.py: results.csv, report.md with CIs, curves.png'),
+    ('report', 'sweeps/report.py: report.md; collect.py: results.csv;\n'
+              'stats.py: CIs, paired tests; plots.py: curves.png'),
 ]
 
 
