@@ -13,6 +13,8 @@ from lib.core import sharding
 from lib.core.errors import UserError
 from lib.model import models
 from lib.training import optim, steps
+from lib.training import eval_step as eval_lib
+from lib.training import state as state_lib
 
 # The evaluation split of a fixed training subset (Dataset.train_eval_indices), kept
 # on device as a split of its own.
@@ -70,23 +72,23 @@ class Engine:
     # part can starve and its all-reduce deadlock. There, keep one launch in flight.
     # Real accelerators keep asynchronous dispatch.
     self._serialize = mesh.devices.size > 1 and mesh.devices.flat[0].platform == 'cpu'
-    self._zero_sums = jax.jit(steps.zero_sums, out_shardings=self.rep)
+    self._zero_sums = jax.jit(state_lib.zero_sums, out_shardings=self.rep)
     n = mesh.shape[sharding.DATA]   # the batch is split over the data axis only
     self.eval_batch = -(-config.train.eval_batch_size // n) * n
 
   # ----- state -----
   def _init(self, hparams):
-    return steps.init_state(self.model, self.tx_build, hparams, self.config.seed,
+    return state_lib.init_state(self.model, self.tx_build, hparams, self.config.seed,
                             self.dataset.image_shape)
 
-  def init_state(self) -> steps.TrainState:
+  def init_state(self) -> state_lib.TrainState:
     return jax.jit(self._init, out_shardings=self.rep)(self.hparams)
 
   def owned(self, tree):
     """A copy in XLA-owned buffers (safe to donate; a restored array may alias host memory)."""
     return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=self.rep)(tree)
 
-  def abstract_state(self) -> steps.TrainState:
+  def abstract_state(self) -> state_lib.TrainState:
     """Shapes, dtypes and the current (replicated) sharding: a restore target."""
     shapes = jax.eval_shape(self._init, self.hparams)
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.rep), shapes)
@@ -154,7 +156,7 @@ class Engine:
 
   def eval_split_fn(self, tta: str):
     """run(state, images, labels, idx, mask) -> sums of loss, correct, count (not jitted)."""
-    eval_step = steps.make_eval_step(self.model, self.mean, self.std, tta)
+    eval_step = eval_lib.make_eval_step(self.model, self.mean, self.std, tta)
 
     def run(state, images, labels, idx, mask):
       def body(totals, batch):
@@ -174,8 +176,8 @@ class Engine:
 
   def check_tta(self, tta: Optional[str]) -> str:
     tta = self.config.train.eval_tta if tta is None else tta
-    if tta not in steps.TTA:
-      raise UserError(f'unknown tta {tta!r}; valid: {", ".join(steps.TTA)}')
+    if tta not in eval_lib.TTA:
+      raise UserError(f'unknown tta {tta!r}; valid: {", ".join(eval_lib.TTA)}')
     return tta
 
   def eval_inputs(self, split: str):

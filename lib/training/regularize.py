@@ -32,7 +32,7 @@ from lib.training import optim
 
 class Transform(NamedTuple):
   """A regularizer of a factor whose site (lib/core/factors.py) is `params` or `loss`."""
-  name: str          # also the name of its random stream (lib/training/steps.py:stream)
+  name: str          # also the name of its random stream (lib/training/state.py:stream)
   site: str
   keys: Tuple[str, ...]  # the factors that put it in the program
   always: bool       # in every program (its strength 0 is exact)

@@ -1,14 +1,12 @@
-"""The train state and the compiled train / eval steps.
+"""The compiled train step: the objective, in the order the README states.
 
-The state is one pytree. Per step: key = fold_in(state.rng, state.step), then
-one named fold_in per consumer (augment, dropout), so every random draw is a
-function of (seed, step) alone, not of the number of devices. The batch is
-gathered on device from the resident dataset by this epoch's permutation.
+The batch is gathered on device from the resident dataset by this epoch's
+permutation; every random draw comes from the step's named streams
+(lib/training/state.py). The state, its streams and the evaluation step live in
+state.py and eval_step.py; their names are re-exported here.
 """
-import zlib
-from typing import Any, Callable, Dict
+from typing import Callable, Dict
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,51 +14,9 @@ import optax
 
 from lib.core import factors, sharding
 from lib.training import augment, losses, optim, regularize
-
-# Named streams split off each step's key; add new consumers at the end.
-RNG_STREAMS = {'augment': 0, 'dropout': 1, 'noise': 2, 'drop_path': 3, 'mix': 4,
-               'noise_input': 5, 'dropconnect': 6, 'noise_weight': 7}
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-  rng: jax.Array  # raw uint32[2] key: the run's root for per-step randomness
-
-
-def stream(key, name: str):
-  """The step key's stream `name`. A name not in RNG_STREAMS (a regularizer
-  registered later) gets a number from its name, so it leaves the others alone."""
-  number = RNG_STREAMS.get(name)
-  if number is None:
-    number = 1000 + zlib.crc32(name.encode()) % (1 << 20)
-  return jax.random.fold_in(key, number)
-
-
-def init_state(model, tx_build, hparams, seed: int, image_shape) -> TrainState:
-  root = jax.random.PRNGKey(seed)
-  init_key, train_key = jax.random.split(root)
-  variables = model.init(init_key, jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
-  params = variables['params']
-  tx = tx_build(hparams)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get('batch_stats', {}),
-                    opt_state=tx.init(params), rng=train_key)
-
-
-def normalize(images_uint8, mean, std):
-  return (images_uint8.astype(jnp.float32) / 255.0 - mean) / std
-
-
-def zero_sums() -> Dict[str, jax.Array]:
-  """Running train metrics, kept on device between evaluations (no host sync)."""
-  return {'loss': jnp.zeros((), jnp.float32), 'correct': jnp.zeros((), jnp.float32),
-          'examples': jnp.zeros((), jnp.float32), 'steps': jnp.zeros((), jnp.float32),
-          'first_nonfinite_step': jnp.full((), -1, jnp.int32)}
-
+from lib.training.eval_step import TTA, make_eval_step, views  # noqa: F401
+from lib.training.state import (RNG_STREAMS, TrainState, init_state, stream,  # noqa: F401
+                                zero_sums)
 
 def hparams(config) -> Dict[str, np.ndarray]:
   """Every continuous strength of `config` (the traced factors of lib/core/factors.py:
@@ -154,47 +110,3 @@ def make_train_step(model, tx_build, config, mesh, mean, std, num_classes: int,
     return new_state, sums
 
   return train_step
-
-
-TTA = factors.FACTORS['train.eval_tta'].choices
-
-
-def views(x, tta: str, pad: int = 4):
-  """The test-time views of a batch: itself (none); it and its mirror image
-  (flip); the 4 corner and the centre crops of the image zero-padded by `pad`
-  pixels, each also mirrored (crops: 10 views, as the ResNet paper's 10-crop)."""
-  if tta == 'none':
-    return [x]
-  if tta == 'flip':
-    return [x, x[:, :, ::-1, :]]
-  h, w = x.shape[1:3]
-  padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  corners = [(0, 0), (0, 2 * pad), (2 * pad, 0), (2 * pad, 2 * pad), (pad, pad)]
-  crops = [padded[:, i:i + h, j:j + w, :] for i, j in corners]
-  return crops + [c[:, :, ::-1, :] for c in crops]
-
-
-def make_eval_step(model, mean, std, tta: str = 'none') -> Callable:
-  """eval_step(state, images, labels, idx, mask) -> sums of loss, correct, count.
-
-  With test-time augmentation the softmax outputs of the views are averaged
-  (cross-entropy of the averaged prediction). Crops pad in pixel space, with
-  black as in training's random crop.
-  """
-  def predict(state, x):
-    return model.apply({'params': state.params, 'batch_stats': state.batch_stats}, x, train=False)
-
-  def eval_step(state, images, labels, idx, mask):
-    x = images[idx].astype(jnp.float32) / 255.0
-    y = labels[idx]
-    if tta == 'none':
-      log_probs = jax.nn.log_softmax(predict(state, (x - mean) / std))
-    else:
-      probs = sum(jax.nn.softmax(predict(state, (v - mean) / std)) for v in views(x, tta))
-      log_probs = jnp.log(jnp.maximum(probs / len(views(x[:1], tta)), 1e-30))
-    loss = -jnp.take_along_axis(log_probs, y[:, None], axis=-1)[:, 0]
-    correct = jnp.argmax(log_probs, -1) == y
-    m = mask.astype(jnp.float32)
-    return {'loss': jnp.sum(loss * m), 'correct': jnp.sum(correct * m), 'count': jnp.sum(m)}
-
-  return eval_step

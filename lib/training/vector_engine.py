@@ -34,6 +34,7 @@ from lib.core import config as config_lib
 from lib.model import models
 from lib.training import engine, steps
 from lib.training import arms as arms_lib
+from lib.training import state as state_lib
 
 MODES = ('vmap', 'unroll')
 
@@ -113,7 +114,7 @@ class VectorEngine:
     self._active = (None, None)   # the last mask uploaded: (host values, device array)
     # Running metrics and evaluation totals are small: replicated, so every process
     # of a multi-host job can read all arms' values.
-    self._zero_sums = jax.jit(lambda: _stack([steps.zero_sums()] * self.n),
+    self._zero_sums = jax.jit(lambda: _stack([state_lib.zero_sums()] * self.n),
                               out_shardings=self.rep)
 
   # ----- vectorizing a single-arm function -----
@@ -138,7 +139,7 @@ class VectorEngine:
       model = self.base.model.clone(opts=options)
 
       def init(hp, seed):
-        return steps.init_state(model, self.base.tx_build, hp, seed, self.dataset.image_shape)
+        return state_lib.init_state(model, self.base.tx_build, hp, seed, self.dataset.image_shape)
       self._init_fns[options] = jax.jit(init, out_shardings=self.rep)
     return self._init_fns[options]
 
@@ -156,10 +157,10 @@ class VectorEngine:
     """One arm's state shapes with the replicated sharding: a restore target."""
     return self._arm_shapes
 
-  def stack(self, arm_states: Sequence) -> steps.TrainState:
+  def stack(self, arm_states: Sequence) -> state_lib.TrainState:
     return self._stack(*arm_states)
 
-  def arm_state(self, state, i: int) -> steps.TrainState:
+  def arm_state(self, state, i: int) -> state_lib.TrainState:
     """Arm i's state as its own (replicated) arrays, e.g. to save it."""
     return self._arm_state(state, jnp.int32(i))
 
@@ -203,7 +204,7 @@ class VectorEngine:
 
   def _abstract_args(self):
     state = _stacked_shapes(self.abstract_arm_state(), self.n, self.by_arm)
-    sums = _stacked_shapes(jax.eval_shape(steps.zero_sums), self.n, self.rep)
+    sums = _stacked_shapes(jax.eval_shape(state_lib.zero_sums), self.n, self.rep)
     hp = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.by_arm),
                       self.hparams)
     images, labels = self.base.split_on_device('train')
