@@ -25,6 +25,7 @@ import numpy as np
 from lib.core import sharding
 from lib.core.config import base_config
 from lib.data import datasets as data
+from lib.data import device
 from lib.runs import group_train
 from lib.runs.rundir import RunDir
 from lib.runs.train import train_and_evaluate
@@ -113,7 +114,7 @@ def checkpoint_pause(config, dataset=None, evaluations: int = 5) -> List[Dict[st
       step = lambda st, sm: eng._train_step(st, eng.hparams, images, labels, idx, sm)
       for _ in range(2):   # compile the step and both evaluations, write a first save
         state, sums = step(state, sums)
-        eng.evaluate(state, 'val'), eng.evaluate(state, engine.TRAIN_EVAL)
+        eng.evaluate(state, 'val'), eng.evaluate(state, device.TRAIN_EVAL)
       ckpt.save(0, state, meta, {'val_accuracy': 0.0, 'val_loss': 1.0})
       ckpt.wait()
       pauses, saves, after = [], [], []
@@ -122,7 +123,7 @@ def checkpoint_pause(config, dataset=None, evaluations: int = 5) -> List[Dict[st
         jax.block_until_ready(state)
         t0 = time.perf_counter()
         val = eng.evaluate(state, 'val')
-        eng.evaluate(state, engine.TRAIN_EVAL)
+        eng.evaluate(state, device.TRAIN_EVAL)
         t1 = time.perf_counter()
         ckpt.save(i, state, meta, {'val_accuracy': val['accuracy'], 'val_loss': val['loss']})
         t2 = time.perf_counter()

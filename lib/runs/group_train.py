@@ -26,11 +26,11 @@ from lib.core import sharding
 from lib.core import config as config_lib
 from lib.core.errors import UserError
 from lib.data import datasets as data
+from lib.data import device
 from lib.runs import loop
 from lib.runs import lock as lock_lib
 from lib.runs.metrics import echo
 from lib.runs.runbook import RunBook
-from lib.training import engine
 from lib.training import arms as arms_lib
 from lib.training import vector_engine as ve
 
@@ -88,7 +88,7 @@ def train_group(configs: Sequence, workdirs: Sequence[str], *, logs: Optional[Se
   max_arms = first.train.max_arms if max_arms is None else max_arms
   devices = list(devices if devices is not None else jax.devices())
   dataset = data.load(first.data)
-  total = first.train.epochs * engine.steps_per_epoch(first, dataset)
+  total = first.train.epochs * device.steps_per_epoch(first, dataset)
   batch = first.train.batch_size
   sharding.check_batch(batch, sharding.make_arm_mesh(devices, ve.arm_axis_size(
       len(devices), n, batch, ve.resolve_mode(mode, first, devices[0].platform, n))))

@@ -30,11 +30,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from lib.core import sharding
+from lib.data import device
 from lib.runs import lock as lock_lib
 from lib.runs.checkpoint import NoValidCheckpoint
 from lib.runs.metrics import format_duration, progress_line
 from lib.runs.runbook import RunBook
-from lib.training import engine
 
 
 class Preempted(Exception):
@@ -183,7 +183,7 @@ def train_arms(eng, books: Sequence[RunBook], log, *, stop_after_step: Optional[
       if not np.isfinite(vals[i]['loss']):   # never checkpoint a state that cannot predict
         finished[i] = books[i].diverged(done)
     stepped = [i for i in stepped if i not in finished]
-    train_evals = eng.evaluate(state, engine.TRAIN_EVAL) if stepped else []
+    train_evals = eng.evaluate(state, device.TRAIN_EVAL) if stepped else []
     stopping = stop_after_step is not None and done >= stop_after_step and done < total
     due = agree([time.time() - last_resume_point[i] >= every[i] for i in range(n)])
     resume_points = [i for i in stepped if done == total or stopping or due[i]]

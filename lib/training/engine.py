@@ -1,4 +1,5 @@
-"""One config compiled on one mesh: resident data, jitted steps, evaluation.
+"""One config compiled on one mesh: its train and eval programs over the dataset's
+splits on device (lib/data/device.py), the state they run on, evaluation.
 
 Shared by the training loop, launch.eval and launch.benchmark, so all three
 run exactly the same compiled code.
@@ -11,32 +12,12 @@ import numpy as np
 
 from lib.core import sharding
 from lib.core.errors import UserError
+from lib.data import device
+from lib.data.device import TRAIN_EVAL, epoch_permutation, steps_per_epoch  # noqa: F401
 from lib.model import models
 from lib.training import optim, steps
 from lib.training import eval_step as eval_lib
 from lib.training import state as state_lib
-
-# The evaluation split of a fixed training subset (Dataset.train_eval_indices), kept
-# on device as a split of its own.
-TRAIN_EVAL = 'train_eval'
-
-
-def epoch_permutation(seed: int, epoch: int, n: int, steps_per_epoch: int, batch_size: int):
-  """(steps_per_epoch, batch_size) example indices: a fresh shuffle every epoch,
-  a function of (seed, epoch) only (the remainder of n is dropped)."""
-  perm = np.random.default_rng([seed, epoch]).permutation(n)
-  return perm[:steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size).astype(np.int32)
-
-
-def steps_per_epoch(config, dataset) -> int:
-  """Full batches in an epoch (the remainder of the training split is dropped)."""
-  b = config.train.batch_size
-  n = len(dataset.train[1]) // b
-  if n == 0:
-    raise UserError(f'train.batch_size={b} exceeds the {len(dataset.train[1])} training '
-                    'images; lower it')
-  return n
-
 
 class Engine:
   """Compiled train/eval steps of `config` over `mesh`, with `dataset` on device.
@@ -61,8 +42,7 @@ class Engine:
     self.hparams = {k: sharding.to_global(v, self.rep) for k, v in steps.hparams(config).items()}
     # Per-engine caches (never functools.lru_cache on a method: its cache would keep
     # every engine alive, with its data on device and its compiled programs).
-    self._on_device: Dict[str, tuple] = {}
-    self._eval_batches: Dict[str, tuple] = {}
+    self.data = device.DeviceSplits(dataset, mesh, config.train.eval_batch_size)
     self._eval_programs: Dict[str, object] = {}
     train_step = steps.make_train_step(self.model, self.tx_build, config, mesh, self.mean,
                                        self.std, dataset.num_classes, self.steps_per_epoch)
@@ -73,8 +53,7 @@ class Engine:
     # Real accelerators keep asynchronous dispatch.
     self._serialize = mesh.devices.size > 1 and mesh.devices.flat[0].platform == 'cpu'
     self._zero_sums = jax.jit(state_lib.zero_sums, out_shardings=self.rep)
-    n = mesh.shape[sharding.DATA]   # the batch is split over the data axis only
-    self.eval_batch = -(-config.train.eval_batch_size // n) * n
+    self.eval_batch = self.data.eval_batch
 
   # ----- state -----
   def _init(self, hparams):
@@ -95,21 +74,11 @@ class Engine:
 
   # ----- data on device -----
   def split_on_device(self, name: str):
-    if name not in self._on_device:
-      if name == TRAIN_EVAL:   # its own copy, shaped like val: the same compiled evaluation
-        images, labels = self.dataset.split('train')
-        members = self.dataset.train_eval_indices()
-        images, labels = images[members], labels[members]
-      else:
-        images, labels = self.dataset.split(name)
-      self._on_device[name] = (sharding.to_global(images, self.rep),
-                               sharding.to_global(labels, self.rep))
-    return self._on_device[name]
+    return self.data.split(name)
 
   def epoch_indices(self, epoch: int) -> jax.Array:
-    idx = epoch_permutation(self.config.seed, epoch, len(self.dataset.train[1]),
-                            self.steps_per_epoch, self.config.train.batch_size)
-    return sharding.to_global(idx, sharding.sharded_along(self.mesh, 2, axis=1))
+    return self.data.epoch_indices(self.config.seed, epoch, self.steps_per_epoch,
+                                   self.config.train.batch_size)
 
   def zero_sums(self):
     # Made by XLA, not from host numpy: these buffers are donated to the step,
@@ -181,19 +150,8 @@ class Engine:
     return tta
 
   def eval_inputs(self, split: str):
-    """(images, labels, idx, mask) of a split: its images on device and its fixed
-    padded batches, uploaded once. TRAIN_EVAL's subset is a split of its own on
-    device, as large as val (where the training split allows): the same shapes, so
-    it runs val's compiled evaluation, not one of its own."""
-    images, labels = self.split_on_device(split)
-    if split not in self._eval_batches:
-      n = int(labels.shape[0])
-      padded = np.arange(-(-n // self.eval_batch) * self.eval_batch).reshape(-1, self.eval_batch)
-      mask = padded < n
-      idx = np.where(mask, padded, 0).astype(np.int32)
-      rows = sharding.sharded_along(self.mesh, 2, axis=1)
-      self._eval_batches[split] = (sharding.to_global(idx, rows), sharding.to_global(mask, rows))
-    return (images, labels) + self._eval_batches[split]
+    """(images, labels, idx, mask) of a split (lib/data/device.py)."""
+    return self.data.eval_inputs(split)
 
 
 def eval_result(totals) -> Dict[str, float]:

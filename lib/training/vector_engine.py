@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lib.core import cache, factors, sharding
 from lib.core import config as config_lib
+from lib.data import device
 from lib.model import models
 from lib.training import engine, steps
 from lib.training import arms as arms_lib
@@ -215,7 +216,7 @@ class VectorEngine:
 
   def epoch_indices(self, epoch: int) -> jax.Array:
     """(arms, steps, batch): each arm's own shuffle of this epoch."""
-    per_arm = [engine.epoch_permutation(c.seed, epoch, len(self.dataset.train[1]),
+    per_arm = [device.epoch_permutation(c.seed, epoch, len(self.dataset.train[1]),
                                         self.steps_per_epoch, c.train.batch_size)
                for c in self.configs]
     return sharding.to_global(np.stack(per_arm), self._indices_sharding)
