@@ -100,3 +100,30 @@ def test_a_new_factor_is_vectorized_and_an_off_arm_computes_its_own_run(tint):
   np.testing.assert_allclose(leaf(vec[0]), leaf(alone(off)), atol=1e-6)
   np.testing.assert_allclose(leaf(vec[1]), leaf(alone(on)), atol=1e-6)
   assert not np.allclose(leaf(vec[0]), leaf(vec[1]), atol=1e-4)   # the factor acts
+
+
+def test_an_infinite_or_nan_strength_is_refused():
+  for key in ('regularize.l1', 'regularize.noise_input', 'augment.brightness'):
+    for bad in (float('inf'), float('nan')):
+      c = quickstart_mlp(1, **{key: bad})
+      with pytest.raises(UserError, match=key):
+        resolve_lib.resolve(c)
+  c = quickstart_mlp(1, **{'train.checkpoint_every_s': float('nan')})
+  with pytest.raises(UserError, match='checkpoint_every_s'):
+    resolve_lib.resolve(c)
+
+
+def test_a_resolved_config_cannot_be_changed_through_its_json_or_smuggled_in():
+  c = resolve_lib.resolve(quickstart_mlp(1))
+  config_lib.to_json_dict(c)['seed'] = 7            # a caller's copy, not the config's
+  assert config_lib.to_json_dict(c)['seed'] == 0
+  d = config_lib.to_json_dict(c)
+  assert config_lib.is_resolved(config_lib.from_resolved_json_dict(d))
+  d['regularize']['dropout'] = 1.5                  # out of range: not trusted, resolved again
+  rebuilt = config_lib.from_resolved_json_dict(d)
+  assert not config_lib.is_resolved(rebuilt)
+  with pytest.raises(UserError, match='regularize.dropout'):
+    resolve_lib.resolve(rebuilt)
+  d['regularize']['dropout'] = 0.0
+  d['train']['unknown_key'] = 1                     # a key this code does not know
+  assert not config_lib.is_resolved(config_lib.from_resolved_json_dict(d))

@@ -136,7 +136,9 @@ def test_a_resolved_config_is_resolved_once_and_stays_so_until_changed():
   c = resolve_lib.resolve(tiny_base())
   assert config_lib.is_resolved(c) and resolve_lib.resolve(c) is c
   d = config_lib.to_json_dict(c)
-  assert config_lib.to_json_dict(c) is d and d['model']['depth'] > 0   # computed once
+  # computed once, handed out as copies (a caller's change cannot reach config.json)
+  assert config_lib.to_json_dict(c) == d and config_lib.to_json_dict(c) is not d
+  assert d['model']['depth'] > 0
   rebuilt = config_lib.from_resolved_json_dict(d)   # a task's config, across a worker
   assert config_lib.is_resolved(rebuilt) and rebuilt.to_dict() == c.to_dict()
   assert not config_lib.is_resolved(config_lib.from_json_dict(d))   # config.json: not trusted

@@ -5,6 +5,7 @@ add keys the training code does not read, so a locked config catches typos.
 Model depth/width of -1 mean "the registry default for this model" and are
 filled in by `lib.training.resolve.resolve()`, so `config.json` always records what really ran.
 """
+import copy
 import json
 from typing import Any, Dict, List
 
@@ -109,10 +110,10 @@ def flatten(d: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
 
 
 def to_json_dict(config: ml_collections.ConfigDict) -> Dict[str, Any]:
-  """A JSON round-trippable dict (tuples become lists). A resolved config's is the one
-  computed when it was resolved, shared by every caller: read it, do not change it."""
+  """A JSON round-trippable dict (tuples become lists). A resolved config's is a copy
+  of the one computed when it was resolved (a caller's change cannot reach config.json)."""
   if is_resolved(config):
-    return config.__dict__['_resolved_as'][1]
+    return copy.deepcopy(config.__dict__['_resolved_as'][1])
   return json.loads(json.dumps(config.to_dict(), default=list))
 
 
@@ -153,9 +154,14 @@ def from_resolved_json_dict(d: Dict[str, Any]) -> ml_collections.ConfigDict:
   """Rebuilds a resolved config from the JSON dict `to_json_dict` made of it (a sweep
   task's config, which crosses to a worker process or a SLURM task as JSON), marked
   resolved so it is not resolved again: `runner.plan` resolved it, in this code. A
-  dict that lacks keys of today's base_config (written by an older version) is not
-  marked: whoever uses it resolves it."""
+  dict whose keys are not exactly today's base_config's (written by an older or
+  another version), or whose factor values are out of range, is not marked:
+  whoever uses it resolves it, and so validates it."""
   config = from_json_dict(d)
-  if set(flatten(d)) != set(flatten(config.to_dict())):
+  if set(flatten(d)) != set(flatten(base_config().to_dict())):
     return config
-  return _mark_resolved(config, d)
+  try:
+    factors.check(config)
+  except UserError:
+    return config
+  return _mark_resolved(config, copy.deepcopy(d))

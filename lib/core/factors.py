@@ -101,7 +101,8 @@ def _number(v) -> bool:
 
 
 def at_least(lo) -> Tuple[Callable, str]:
-  return (lambda v: _number(v) and v >= lo), f'>= {lo}'
+  """A finite number >= lo (an infinite strength is a typo, not an experiment)."""
+  return (lambda v: _number(v) and math.isfinite(v) and v >= lo), f'>= {lo}'
 
 
 def in_range(lo, hi, closed_lo=True, closed_hi=False) -> Tuple[Callable, str]:
@@ -183,7 +184,7 @@ declare('augment.resized_crop_scale', 0.0,
 for _name in ('brightness', 'contrast', 'saturation'):
   declare(f'augment.{_name}', 0.0, f'colour jitter: {_name} factor in [1-s, 1+s]', 'pixel',
           _nonneg, traced=True)
-declare('augment.cutout_size', 0.0,
+declare('augment.cutout_size', 0,
         'cutout: side of each zeroed square (pixels; centre anywhere, clipped at borders; after '
         'normalization)', 'normalized', _nonneg, traced=True)
 declare('augment.cutout_patches', 1, 'cutout: squares per image', 'normalized', at_least(1),

@@ -72,7 +72,7 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if config.train.vectorize_mode not in VECTORIZE_MODES:
     raise UserError(f'unknown train.vectorize_mode={config.train.vectorize_mode!r}; valid: '
                     f'{", ".join(VECTORIZE_MODES)}')
-  if config.train.checkpoint_every_s < 0:
+  if not config.train.checkpoint_every_s >= 0:   # NaN too
     raise UserError(f'train.checkpoint_every_s={config.train.checkpoint_every_s} must be >= 0 '
                     '(0 = a checkpoint at every evaluation)')
   if config.train.max_arms < 0:
