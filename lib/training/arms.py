@@ -101,7 +101,7 @@ def program_config(configs: Sequence[ml_collections.ConfigDict]) -> ml_collectio
   strength that any arm turns on turned on (at the first such arm's value), and
   each dependent key taken from an arm whose factor is on. That is the first
   arm's resolved config itself when no other arm turns on more; only a new
-  combination is built and resolved. (`to_json_dict` of a resolved arm is the
+  combination is built and resolved. (`to_json_dict` of a resolved arm copies the
   dict computed when it was resolved: no JSON round trip per arm.)"""
   flat = [config_lib.flatten(config_lib.to_json_dict(c)) for c in configs]
   program = dict(flat[0])
