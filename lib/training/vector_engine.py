@@ -19,7 +19,6 @@ single arm, vmap everywhere else.
 A boolean `active` per arm freezes arms that have finished or have not caught
 up yet (a group resumed from checkpoints of different steps).
 """
-import functools
 import json
 import os
 from typing import Dict, List, Optional, Sequence
@@ -108,6 +107,7 @@ class VectorEngine:
     self._steps: Dict[bool, object] = {}
     self._evals: Dict[tuple, object] = {}
     self._init_fns: Dict[models.Options, object] = {}
+    self._arm_shapes = None
     self._serialize = self.base._serialize
     self._all_active = sharding.to_global(np.ones((self.n,), bool), self.by_arm)
     self._stack = jax.jit(lambda *s: _stack(s), out_shardings=self.by_arm)
@@ -150,12 +150,11 @@ class VectorEngine:
     options = models.Options.from_config(c.model, self.program.regularize)
     return self._init_fn(options)(self.base.hparams, jnp.int32(c.seed))
 
-  @functools.cached_property
-  def _arm_shapes(self):
-    return self.base.abstract_state()
-
   def abstract_arm_state(self):
-    """One arm's state shapes with the replicated sharding: a restore target."""
+    """One arm's state shapes with the replicated sharding: a restore target (the
+    base engine's, traced once and kept on this engine)."""
+    if self._arm_shapes is None:
+      self._arm_shapes = self.base.abstract_state()
     return self._arm_shapes
 
   def stack(self, arm_states: Sequence) -> state_lib.TrainState:
