@@ -137,8 +137,13 @@ def train_arms(eng, books: Sequence[RunBook], log, *, stop_after_step: Optional[
   train_time, segment_start, steps_run = 0.0, time.time(), 0   # excludes evaluation: the ETA
   last_resume_point = [time.time()] * n
   group_start = time.time()
+  # Which arms step: it changes only where an arm's start is reached and where arms
+  # end (at log points), so it is rebuilt there, not on the host at every step.
+  active, stale, start_steps = None, True, set(starts)
   for step in range(min(starts[i] for i in todo), total):
-    active = np.array([i not in finished and starts[i] <= step for i in range(n)])
+    if stale or step in start_steps:
+      active = np.array([i not in finished and starts[i] <= step for i in range(n)])
+      stale = False
     if not active.any():   # every arm ended, or the rest start later (resumed further on)
       if len(finished) == n:
         break
@@ -153,6 +158,7 @@ def train_arms(eng, books: Sequence[RunBook], log, *, stop_after_step: Optional[
     is_eval = is_eval_step(done, total, spe, cfg.train.eval_every)
     if not (is_eval or done % cfg.train.log_every == 0):
       continue
+    stale = True   # arms may end from here on
     # The only sync between evaluations; a single run's 0-d sums become one arm's.
     host = jax.tree.map(np.atleast_1d, jax.device_get(sums))
     stepped = [i for i in range(n) if active[i]]
