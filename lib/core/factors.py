@@ -28,7 +28,7 @@ its site, and its test. See README "Adding a factor".
 """
 import dataclasses
 import math
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -81,7 +81,9 @@ class Factor:
     if self.choices and value not in self.choices:
       raise UserError(f'unknown {self.key}={value!r}; valid: {", ".join(sorted(self.choices))}')
     if self.valid is not None and not _safe(self.valid, value):
-      off = '' if self.off is None else f' ({_fmt(self.off)} = off)'
+      # An init value is never "off": it is just the default.
+      off = ('' if self.off is None else f' (default {_fmt(self.off)})' if self.site == 'init'
+             else f' ({_fmt(self.off)} = off)')
       raise UserError(f'{self.key}={value!r} must be {self.values}{off}')
 
 
@@ -214,7 +216,7 @@ declare('model.init', 'kaiming_normal',
         'kernel initializer of every conv/dense layer (lib/model/inits.py: zeros, constant, normal, '
         'uniform, xavier_*, kaiming_*, lecun_*, orthogonal)', 'init')
 declare('model.init_scale', 0.01, 'its scale: std (normal), half-width (uniform), value '
-        '(constant)', 'init', values='a number >= 0')
+        '(constant)', 'init', at_least(0))
 declare('model.init_fan', 'fan_in', 'its fan (variance-scaling inits): fan_in, fan_out, fan_avg',
         'init')
 declare('model.init_gain', 'auto', 'Kaiming / orthogonal gain: auto (from the activation), relu, '

@@ -30,6 +30,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from lib.core import factors
 from lib.core.errors import UserError
 from lib.core.registry import Registry
 
@@ -95,9 +96,7 @@ def check(model_config) -> None:
     raise UserError(f'unknown fan model.init_fan={model_config.init_fan!r}; valid: '
                     f'{", ".join(FANS)}')
   gain_for(model_config.init_gain, model_config.activation)
-  scale = model_config.init_scale
-  if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 0:
-    raise UserError(f'model.init_scale={scale!r} must be a number >= 0')
+  factors.FACTORS['model.init_scale'].check(model_config.init_scale)   # its declared range
 
 
 def kernel_init(model_config, last_layer: bool = False):
