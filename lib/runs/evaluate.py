@@ -10,7 +10,7 @@ from lib.core.errors import UserError
 from lib.data import datasets as data
 from lib.runs.checkpoint import Checkpoints
 from lib.runs.rundir import RunDir
-from lib.training import engine
+from lib.training import arms, engine
 
 
 def evaluate_checkpoint(workdir: str, checkpoint: str = 'best', split: str = 'val',
@@ -53,7 +53,6 @@ def _engine(config, dataset, mesh, meta) -> engine.Engine:
   that needs the same program: the runs of a sweep (a vectorized group, or arms that
   differ only in seeds and strengths) share one compiled evaluation. Only the last
   one is kept, and it goes when another dataset is loaded (it holds this one's splits)."""
-  from lib.training import arms
   key = json.dumps([sorted(arms.signature(config.to_dict()).items()),
                     meta['mean'], meta['std'], meta['num_classes'], repr(mesh)])
   return cache.process_cache().engine(

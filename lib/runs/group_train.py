@@ -23,7 +23,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import jax
 
 from lib.core import sharding
-from lib.core import config as config_lib
 from lib.core.errors import UserError
 from lib.data import datasets as data
 from lib.data import device
@@ -33,10 +32,6 @@ from lib.runs.metrics import echo
 from lib.runs.runbook import RunBook
 from lib.training import arms as arms_lib
 from lib.training import vector_engine as ve
-
-# The default of train.checkpoint_every_s, the seconds between an arm's resume points.
-RESUME_EVERY_S = config_lib.base_config().train.checkpoint_every_s
-
 
 def plan_programs(configs: Sequence, dataset, devices, mode: str, max_arms: int = 0,
                   memory_budget: Optional[int] = None, log=echo):
