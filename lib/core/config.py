@@ -23,7 +23,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 # Keys that change how a run is watched, not what it computes: a workdir may be
 # resumed with different values of these, and arms differing in them share a program.
 WATCH_KEYS = ('train.log_every', 'train.tb_histograms', 'train.vectorize',
-              'train.vectorize_mode', 'train.max_arms', 'train.checkpoint_every_s')
+              'train.vectorize_mode', 'train.max_arms', 'train.checkpoint_every_s',
+              # Both input pipelines feed the same batches (lib/data/device.py).
+              'data.pipeline', 'data.workers', 'data.prefetch', 'data.max_bad_records')
 NON_SEMANTIC_KEYS = frozenset(WATCH_KEYS)
 
 
@@ -34,11 +36,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = 'digits'      # digits | cifar_dir | npz | tfds
+  c.data.source = 'digits'      # digits | cifar_dir | npz | tfds | records | synthetic_jpeg
   c.data.path = ''              # directory / file / tfds data_dir
   c.data.name = ''              # tfds dataset name, e.g. cifar10
   c.data.val_fraction = 0.1     # held out of the training split, fixed per split_seed
   c.data.split_seed = 0         # the train/val split does not move with `seed`
+  # Input pipeline (lib/data/device.py): resident = whole splits on the devices; stream =
+  # batches read by host worker processes (grain); auto = resident when the data fits.
+  c.data.pipeline = 'auto'
+  c.data.image_size = 0         # >0: decode and resize on the host to this size (stream)
+  c.data.workers = 2            # stream: grain worker processes (0 = threads of this one)
+  c.data.prefetch = 2           # stream: batches read and put on the devices ahead
+  c.data.max_bad_records = 100  # stream: distinct unreadable records skipped before failing
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'mlp'

@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from lib.core import cache
+from lib.data import stream
 from lib.core.errors import UserError
 from lib.core.registry import Registry
 
@@ -29,16 +30,24 @@ class Dataset:
   mean: np.ndarray  # (C,) float32, of train images scaled to [0, 1]
   std: np.ndarray
 
+  in_memory = True   # the images are arrays (RecordDataset: records read when needed)
+
   @property
   def image_shape(self):
     return tuple(self.train[0].shape[1:])
+
+  def num_examples(self, name: str) -> int:
+    return len(self.split(name)[1])
+
+  def split_names(self):
+    return [n for n in ('train', 'val', 'test')
+            if getattr(self, n) is not None and len(getattr(self, n)[1])]
 
   def train_eval_indices(self) -> np.ndarray:
     """A fixed subset of the training split, as many images as val: evaluated like
     val at every evaluation (train_eval_* metrics), for a train-val gap measured
     without augmentation or regularization. The same for every run of this data."""
-    n, k = len(self.train[1]), len(self.val[1])
-    return np.sort(np.random.RandomState(0).permutation(n)[:min(k, n)]).astype(np.int32)
+    return train_eval_indices(self.num_examples('train'), self.num_examples('val'))
 
   def split(self, name: str) -> Split:
     if name not in ('train', 'val', 'test'):
@@ -47,6 +56,54 @@ class Dataset:
     if out is None or len(out[1]) == 0:
       raise UserError(f'this dataset has no {name} split')
     return out
+
+  def source_of(self, name: str):
+    """Split `name` as a source of the streaming pipeline (lib/data/stream.py)."""
+    images, labels = self.split(name)
+    return stream.ArraySplit(images, labels, name)
+
+
+def train_eval_indices(n: int, k: int) -> np.ndarray:
+  """Sorted indices of a fixed subset of min(k, n) of the n training examples."""
+  return np.sort(np.random.RandomState(0).permutation(n)[:min(k, n)]).astype(np.int32)
+
+
+@dataclasses.dataclass
+class RecordDataset:
+  """A dataset read as records when needed (the streaming pipeline), not held in
+  memory: its splits are sources (lib/data/stream.py), its images are brought to
+  `image_shape` on the host, its statistics come from a fixed sample of train."""
+  source: str
+  train: stream.SplitView
+  val: stream.SplitView
+  test: Optional[stream.SplitView]
+  num_classes: int
+  mean: np.ndarray
+  std: np.ndarray
+  image_shape: Tuple[int, ...]
+  in_memory = False
+
+  def source_of(self, name: str):
+    if name not in ('train', 'val', 'test'):
+      raise UserError(f'unknown split {name!r}; valid: train, val, test')
+    out = getattr(self, name)
+    if out is None or len(out) == 0:
+      raise UserError(f'this dataset has no {name} split')
+    return out
+
+  def num_examples(self, name: str) -> int:
+    return len(self.source_of(name))
+
+  def split_names(self):
+    return [n for n in ('train', 'val', 'test') if getattr(self, n) is not None and len(getattr(self, n))]
+
+  def train_eval_indices(self) -> np.ndarray:
+    return train_eval_indices(self.num_examples('train'), self.num_examples('val'))
+
+  def split(self, name: str):
+    raise UserError(f'data.source={self.source} is read as records, not held in memory; '
+                    'this command needs images in memory (a fixed-size source such as '
+                    'npz, cifar_dir or tfds without data.image_size)')
 
 
 def _check(images, labels, where):

@@ -1,40 +1,63 @@
-"""A dataset's splits resident on a device mesh, and the order training reads them.
+"""How a dataset reaches the devices: the two input pipelines of one train step.
 
-The train step gathers its batch on device from the whole training split, by
+`data.pipeline` chooses (lib/data/stream.py `choose`; `auto` says which and why):
+
+  resident  `DeviceSplits`: every split uploaded once and kept on the devices; the
+            step gathers its batch by index. The fast path for data that fits.
+  stream    `StreamSplits`: the same batches read by grain worker processes and
+            put on the devices a step ahead (lib/data/stream.py), for data that
+            does not fit, or images of several sizes decoded on the host.
+
+Resident: the train step gathers its batch on device from the whole training split, by
 index: `epoch_permutation` is this epoch's shuffle, a function of (seed, epoch)
 alone, so a resumed run reads the same batches on any number of devices.
 Evaluation scans a split in fixed, padded batches (`DeviceSplits.eval_inputs`).
 `TRAIN_EVAL` is a fixed subset of the training split, evaluated like val.
 
-This is the in-memory input path: every split is uploaded once and stays on the
-devices. Data that does not fit needs a streaming path beside it.
+Both read the same order (lib/data/order.py), so a run of fixed-size images is
+the same run on either path.
 """
-from typing import Dict
+import os
+import queue
+import sys
+import threading
+from typing import Dict, Tuple
 
+import jax
 import numpy as np
 
 from lib.core import sharding
 from lib.core.errors import UserError
+from lib.data import stream
+from lib.data.order import epoch_permutation  # noqa: F401 - its home before lib/data/order.py
 
 # The evaluation split of a fixed training subset (Dataset.train_eval_indices), kept
 # on device as a split of its own.
 TRAIN_EVAL = 'train_eval'
 
 
-def epoch_permutation(seed: int, epoch: int, n: int, steps_per_epoch: int, batch_size: int):
-  """(steps_per_epoch, batch_size) example indices: a fresh shuffle every epoch,
-  a function of (seed, epoch) only (the remainder of n is dropped)."""
-  perm = np.random.default_rng([seed, epoch]).permutation(n)
-  return perm[:steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size).astype(np.int32)
+def memory_budget(devices) -> int:
+  """Bytes one device may use for a program: 90% of the accelerator's limit, or
+  half the host's memory shared by its CPU devices (read on this process's devices)."""
+  local = [d for d in devices if d.process_index == jax.process_index()] or list(devices)
+  stats = None
+  try:
+    stats = local[0].memory_stats()
+  except Exception:   # noqa: BLE001 - not every backend reports
+    pass
+  if stats and stats.get('bytes_limit'):
+    return int(0.9 * stats['bytes_limit'])
+  host = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  return int(0.5 * host / len(local))
 
 
 def steps_per_epoch(config, dataset) -> int:
   """Full batches in an epoch (the remainder of the training split is dropped)."""
   b = config.train.batch_size
-  n = len(dataset.train[1]) // b
+  n = dataset.num_examples('train') // b
   if n == 0:
-    raise UserError(f'train.batch_size={b} exceeds the {len(dataset.train[1])} training '
-                    'images; lower it')
+    raise UserError(f'train.batch_size={b} exceeds the {dataset.num_examples("train")} '
+                    'training images; lower it')
   return n
 
 
@@ -66,7 +89,7 @@ class DeviceSplits:
 
   def epoch_indices(self, seed: int, epoch: int, steps: int, batch_size: int):
     """This epoch's (steps, batch) indices, each step's batch split over the data axis."""
-    idx = epoch_permutation(seed, epoch, len(self.dataset.train[1]), steps, batch_size)
+    idx = epoch_permutation(seed, epoch, self.dataset.num_examples('train'), steps, batch_size)
     return sharding.to_global(idx, sharding.sharded_along(self.mesh, 2, axis=1))
 
   def eval_inputs(self, split: str):
@@ -83,3 +106,189 @@ class DeviceSplits:
       rows = sharding.sharded_along(self.mesh, 2, axis=1)
       self._eval_batches[split] = (sharding.to_global(idx, rows), sharding.to_global(mask, rows))
     return (images, labels) + self._eval_batches[split]
+
+
+def local_rows(mesh, batch: int, shape) -> Tuple[int, int]:
+  """(start, stop): the rows of a global batch of `batch` examples this process's
+  devices hold (the batch is split over the data axis)."""
+  spec = sharding.sharded_along(mesh, 1 + len(shape))
+  index_map = spec.addressable_devices_indices_map((batch,) + tuple(shape))
+  starts = [idx[0].start or 0 for idx in index_map.values()]
+  stops = [batch if idx[0].stop is None else idx[0].stop for idx in index_map.values()]
+  return min(starts), max(stops)
+
+
+class _Feed:
+  """A background thread that reads host batches from `it` and puts them on the
+  devices, `depth` batches ahead: the batch of step t + 1 is on its way while step
+  t runs. Errors (a bad record over the limit, a dead worker) reach the caller at
+  its next `get`."""
+
+  def __init__(self, it, to_device, depth: int, on_item):
+    self._queue = queue.Queue(maxsize=max(depth, 1))
+    self._stop = threading.Event()
+    self._it, self._to_device, self._on_item = it, to_device, on_item
+    self._thread = threading.Thread(target=self._run, daemon=True, name='input-feed')
+    self._thread.start()
+
+  def _put(self, item) -> bool:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def _run(self):
+    try:
+      for item in self._it:
+        self._on_item(item)
+        if not self._put(('ok', self._to_device(item))):
+          return
+      self._put(('end', None))
+    except BaseException as e:   # noqa: BLE001 - handed to the consumer
+      self._put(('error', e))
+
+  def get(self):
+    while True:
+      try:
+        kind, value = self._queue.get(timeout=1.0)
+        break
+      except queue.Empty:
+        if not self._thread.is_alive():
+          raise RuntimeError('the input pipeline stopped without an error') from None
+    if kind == 'error':
+      raise value
+    if kind == 'end':
+      raise StopIteration
+    return value
+
+  def close(self):
+    self._stop.set()
+    self._thread.join(timeout=10)
+    self._it = None
+
+
+class StreamSplits:
+  """The streaming input path: the same batches as DeviceSplits would gather, read
+  by grain workers (lib/data/stream.py) and put on the devices ahead of the step.
+
+  `train_batch(step)` is the (images, labels) of training step `step`, sharded
+  over the data axis; `eval_batches(split)` the fixed padded evaluation batches
+  (images, labels, idx, mask) of a split. Bad records are counted (distinct) and
+  warned about through `log`; more than data.max_bad_records fail the run."""
+
+  def __init__(self, dataset, mesh, config, steps_per_epoch: int, log=None):
+    self.dataset, self.mesh, self.config = dataset, mesh, config
+    d = config.data
+    n = mesh.shape[sharding.DATA]
+    self.eval_batch = -(-config.train.eval_batch_size // n) * n
+    self.batch = config.train.batch_size
+    self.steps_per_epoch = steps_per_epoch
+    self.shape = tuple(dataset.image_shape)
+    # Records are decoded by grain worker processes; in-memory arrays are read by
+    # threads of this process (their host work is a copy, not worth a process).
+    self.workers = d.workers if not getattr(dataset, 'in_memory', True) else 0
+    self.depth, self.limit = d.prefetch, d.max_bad_records
+    size = d.image_size
+    aug = config.augment
+    self.train_transform = stream.HostTransform(
+        size, self.shape, train=True, scale_lo=float(aug.resized_crop_scale) if size else 0.0,
+        flip=bool(aug.flip) and size > 0)
+    self.eval_transform = stream.HostTransform(size, self.shape)
+    self.images_sharding = sharding.sharded_along(mesh, 1 + len(self.shape))
+    self.labels_sharding = sharding.sharded_along(mesh, 1)
+    self.bad = {}   # (split, index) -> message
+    self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    self._feed, self._next_step = None, None
+    self._sources = {}
+
+  def source(self, name: str):
+    if name not in self._sources:
+      if name == TRAIN_EVAL:
+        train = self.dataset.source_of('train')
+        self._sources[name] = stream.SplitView(train, self.dataset.train_eval_indices(),
+                                               'train (train_eval subset)')
+      else:
+        self._sources[name] = self.dataset.source_of(name)
+    return self._sources[name]
+
+  def _count_bad(self, split: str, item):
+    for index, message in item['bad']:
+      if (split, index) in self.bad:
+        continue
+      self.bad[(split, index)] = message
+      self.log(f'warning: skipped a bad record ({len(self.bad)} so far, limit '
+               f'data.max_bad_records={self.limit}): {message}')
+      if len(self.bad) > self.limit:
+        raise stream.BadRecord(
+            f'{len(self.bad)} bad records, more than data.max_bad_records={self.limit}; '
+            f'first: {next(iter(self.bad.values()))}. Fix or remove them, or raise the limit')
+
+  def _global(self, item, global_batch: int):
+    images = jax.make_array_from_process_local_data(
+        self.images_sharding, item['images'], (global_batch,) + item['images'].shape[1:])
+    labels = jax.make_array_from_process_local_data(
+        self.labels_sharding, item['labels'], (global_batch,))
+    if 'mask' in item:
+      mask = jax.make_array_from_process_local_data(self.labels_sharding, item['mask'],
+                                                    (global_batch,))
+      return images, labels, mask
+    return images, labels
+
+  # ----- training -----
+  def _start(self, step: int, total: int):
+    self.close()
+    reader = stream.BatchReader(self.source('train'), self.train_transform, self.config.seed,
+                                self.batch, self.steps_per_epoch,
+                                local_rows(self.mesh, self.batch, self.shape))
+    it = stream.batches(reader, step, total, self.workers, self.depth)
+    self._feed = _Feed(it, lambda item: self._global(item, self.batch), self.depth,
+                       lambda item: self._count_bad('train', item))
+    self._next_step = step
+
+  def train_batch(self, step: int, total: int):
+    """Images and labels of training step `step` on the devices (the pipeline is
+    (re)started there when `step` is not the next one it has)."""
+    if self._feed is None or step != self._next_step:
+      self._start(step, total)
+    try:
+      out = self._feed.get()
+    except StopIteration:
+      raise RuntimeError(f'the input pipeline ended before step {step}') from None
+    self._next_step = step + 1
+    return out
+
+  def close(self):
+    if self._feed is not None:
+      self._feed.close()
+      self._feed = None
+
+  # ----- evaluation -----
+  def eval_batches(self, split: str):
+    """(images, labels, idx, mask) of each padded evaluation batch of `split`, read
+    by the workers and put on the devices ahead of use."""
+    source = self.source(split)
+    count = -(-len(source) // self.eval_batch)
+    reader = stream.EvalReader(source, self.eval_transform, self.eval_batch,
+                               local_rows(self.mesh, self.eval_batch, self.shape))
+    it = stream.batches(reader, 0, count, min(self.workers, count), self.depth)
+    idx = sharding.to_global(np.arange(self.eval_batch, dtype=np.int32), self.labels_sharding)
+    feed = _Feed(it, lambda item: self._global(item, self.eval_batch), self.depth,
+                 lambda item: self._count_bad(split, item))
+    try:
+      while True:
+        try:
+          images, labels, mask = feed.get()
+        except StopIteration:
+          return
+        yield images, labels, idx, mask
+    finally:
+      feed.close()
+
+  def first_images(self, split: str, n: int) -> np.ndarray:
+    """The first n images of a split, as evaluated (host array)."""
+    source = self.source(split)
+    return np.stack([self.eval_transform(np.asarray(source[i][0]), None, f'{split} example {i}')
+                     for i in range(min(n, len(source)))])

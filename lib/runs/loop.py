@@ -77,11 +77,12 @@ def _summary(values: Sequence[float], fmt: str = '.4f') -> str:
 def _header(eng, books: Sequence[RunBook], starts: List[int], log) -> None:
   """The 'training ...' lines: the run's own, or the group's and each arm's."""
   cfg, total = eng.program, eng.total_steps
-  what = (f'{cfg.model.name} on {cfg.data.source} ({len(eng.dataset.train[1])} train / '
-          f'{len(eng.dataset.val[1])} val images) for {total} steps')
+  what = (f'{cfg.model.name} on {cfg.data.source} ({eng.dataset.num_examples("train")} train / '
+          f'{eng.dataset.num_examples("val")} val images) for {total} steps')
   if not eng.grouped:
     books[0].log(f'training {what} on {eng.mesh.devices.size} device(s), batch '
                  f'{cfg.train.batch_size}')
+    books[0].log(f'input pipeline: {eng.base.pipeline} ({eng.base.pipeline_reason})')
     return
   log(f'training {eng.n} arms of {what} as one program ({eng.mode}; mesh '
       f'{eng.mesh.shape[sharding.ARMS]} arms x {eng.mesh.shape[sharding.DATA]} data), batch '
@@ -132,7 +133,6 @@ def train_arms(eng, books: Sequence[RunBook], log, *, stop_after_step: Optional[
   meta_base = checkpoint_meta(eng.base)
   batch = cfg.train.batch_size
   sums = eng.zero_sums()
-  epoch_indices, current_epoch = None, -1
   window_start, window_steps = time.time(), 0       # for examples/s since the last log
   train_time, segment_start, steps_run = 0.0, time.time(), 0   # excludes evaluation: the ETA
   last_resume_point = [time.time()] * n
@@ -148,10 +148,7 @@ def train_arms(eng, books: Sequence[RunBook], log, *, stop_after_step: Optional[
       if len(finished) == n:
         break
       continue
-    if step // spe != current_epoch:
-      current_epoch = step // spe
-      epoch_indices = eng.epoch_indices(current_epoch)
-    state, sums = eng.train_step(state, epoch_indices, sums, active)
+    state, sums = eng.train_step(state, eng.step_inputs(step), sums, active)
     done = step + 1
     window_steps += 1
     steps_run += 1

@@ -46,14 +46,14 @@ class SingleArm:
   def arm_state(self, state, i: int):
     return state
 
-  def epoch_indices(self, epoch: int):
-    return self.base.epoch_indices(epoch)
+  def step_inputs(self, step: int):
+    return self.base.step_inputs(step)
 
   def zero_sums(self):
     return self.base.zero_sums()
 
-  def train_step(self, state, epoch_indices, sums, active=None):
-    return self.base.train_step(state, epoch_indices, sums)   # the one arm is always active
+  def train_step(self, state, inputs, sums, active=None):
+    return self.base.train_step(state, inputs, sums)   # the one arm is always active
 
   def learning_rates(self, step: int):
     return [self.base.learning_rate(step)]
@@ -85,4 +85,5 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False, mesh=None,
       loop.abandon([book], e)
       raise
   finally:
+    eng.close()
     book.release()

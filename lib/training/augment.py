@@ -236,12 +236,13 @@ def active(c, stage: str = None) -> List[Augmentation]:
   return [a for a in AUGMENTATIONS if a.enabled(c) and stage in (None, a.stage)]
 
 
-def apply(key, images, c, hp, stage: str):
-  """Applies the enabled augmentations of `stage` in registration order, each with its own key."""
+def apply(key, images, c, hp, stage: str, skip: Sequence[str] = ()):
+  """Applies the enabled augmentations of `stage` in registration order, each with its
+  own key; those named in `skip` were done by the input pipeline (on the host)."""
   assert stage in STAGES, stage
   # Keyed by registration index, so enabling one augmentation does not change
   # the random stream of another.
   for i, aug in enumerate(AUGMENTATIONS):
-    if aug.stage == stage and aug.enabled(c):
+    if aug.stage == stage and aug.enabled(c) and aug.name not in skip:
       images = aug.fn(jax.random.fold_in(key, i), images, c, hp)
   return images

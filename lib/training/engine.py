@@ -1,5 +1,6 @@
 """One config compiled on one mesh: its train and eval programs over the dataset's
-splits on device (lib/data/device.py), the state they run on, evaluation.
+splits, fed by either input pipeline (lib/data/device.py: resident or stream),
+the state they run on, evaluation.
 
 Shared by the training loop, launch.eval and launch.benchmark, so all three
 run exactly the same compiled code.
@@ -12,7 +13,7 @@ import numpy as np
 
 from lib.core import sharding
 from lib.core.errors import UserError
-from lib.data import device
+from lib.data import device, stream
 from lib.data.device import TRAIN_EVAL, epoch_permutation, steps_per_epoch  # noqa: F401
 from lib.model import models
 from lib.training import optim, steps
@@ -33,7 +34,7 @@ class Engine:
     self.std = np.asarray(dataset.std if std is None else std, np.float32)
     self.model = models.build(config.model, dataset.num_classes, config.regularize)
     if eval_only:   # the training batch need not fit this data or these devices
-      self.steps_per_epoch = max(len(dataset.train[1]) // config.train.batch_size, 1)
+      self.steps_per_epoch = max(dataset.num_examples('train') // config.train.batch_size, 1)
     else:
       sharding.check_batch(config.train.batch_size, mesh)
       self.steps_per_epoch = steps_per_epoch(config, dataset)
@@ -42,11 +43,21 @@ class Engine:
     self.hparams = {k: sharding.to_global(v, self.rep) for k, v in steps.hparams(config).items()}
     # Per-engine caches (never functools.lru_cache on a method: its cache would keep
     # every engine alive, with its data on device and its compiled programs).
-    self.data = device.DeviceSplits(dataset, mesh, config.train.eval_batch_size)
+    self.pipeline, self.pipeline_reason = stream.choose(
+        config.data.pipeline, dataset, device.memory_budget(list(mesh.devices.flat)))
     self._eval_programs: Dict[str, object] = {}
-    train_step = steps.make_train_step(self.model, self.tx_build, config, mesh, self.mean,
-                                       self.std, dataset.num_classes, self.steps_per_epoch)
-    self._train_step = jax.jit(train_step, donate_argnums=(0, 5))
+    self._epoch = (None, None)   # the resident path's current (epoch, indices)
+    if self.pipeline == 'stream':
+      self.data = device.StreamSplits(dataset, mesh, config, self.steps_per_epoch)
+      host = stream.HOST_AUGMENTATIONS if config.data.image_size else ()
+      batch_step = steps.make_batch_step(self.model, self.tx_build, config, mesh, self.mean,
+                                         self.std, dataset.num_classes, host)
+      self._train_step = jax.jit(batch_step, donate_argnums=(0, 4))
+    else:
+      self.data = device.DeviceSplits(dataset, mesh, config.train.eval_batch_size)
+      train_step = steps.make_train_step(self.model, self.tx_build, config, mesh, self.mean,
+                                         self.std, dataset.num_classes, self.steps_per_epoch)
+      self._train_step = jax.jit(train_step, donate_argnums=(0, 5))
     # Several simulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count)
     # share one thread pool: with launches queued behind each other, a device's
     # part can starve and its all-reduce deadlock. There, keep one launch in flight.
@@ -85,10 +96,29 @@ class Engine:
     # and a CPU array built from numpy may alias host memory.
     return self._zero_sums()
 
-  def train_step(self, state, epoch_indices, sums):
-    images, labels = self.split_on_device('train')
-    out = self._train_step(state, self.hparams, images, labels, epoch_indices, sums)
+  def step_inputs(self, step: int):
+    """What `train_step` needs for step `step`: this epoch's indices into the resident
+    split, or the step's batch from the streaming pipeline."""
+    if self.pipeline == 'stream':
+      return self.data.train_batch(step, self.total_steps)
+    epoch = step // self.steps_per_epoch
+    if self._epoch[0] != epoch:
+      self._epoch = (epoch, self.epoch_indices(epoch))
+    return self._epoch[1]
+
+  def train_step(self, state, inputs, sums):
+    """One step; `inputs` from `step_inputs`."""
+    if self.pipeline == 'stream':
+      out = self._train_step(state, self.hparams, *inputs, sums)
+    else:
+      images, labels = self.split_on_device('train')
+      out = self._train_step(state, self.hparams, images, labels, inputs, sums)
     return jax.block_until_ready(out) if self._serialize else out
+
+  def close(self):
+    """Stops the streaming pipeline's workers (a resident engine holds none)."""
+    if self.pipeline == 'stream':
+      self.data.close()
 
   def learning_rate(self, step: int) -> float:
     return float(self.config.optim.lr * self.lr_multiplier(step))
@@ -108,7 +138,10 @@ class Engine:
         return [a for _, a in acts]
       self._capture = (jax.jit(capture), names)
     fn, names = self._capture
-    images = self.dataset.split(split)[0][:examples]
+    if self.pipeline == 'stream':
+      images = self.data.first_images(split, examples)
+    else:
+      images = self.dataset.split(split)[0][:examples]
     values = jax.device_get(fn(state, images))
     return list(zip(names, values))
 
@@ -140,8 +173,29 @@ class Engine:
     """Loss and accuracy over a whole split, in fixed padded batches, with
     test-time augmentation `tta` (default: the config's train.eval_tta)."""
     tta = self.check_tta(tta)
+    if self.pipeline == 'stream':
+      return eval_result(jax.device_get(self._eval_streamed(state, split, tta)))
     totals = jax.device_get(self._eval_split(tta)(state, *self.eval_inputs(split)))
     return eval_result(totals)
+
+  def _eval_streamed(self, state, split: str, tta: str):
+    """The sums of the streaming pipeline's evaluation batches of a split, added in
+    order on the devices (as the resident scan adds them)."""
+    key = ('batch', tta)
+    if key not in self._eval_programs:
+      eval_step = eval_lib.make_eval_step(self.model, self.mean, self.std, tta)
+
+      def add(totals, state, images, labels, idx, mask):
+        return jax.tree.map(jnp.add, totals, eval_step(state, images, labels, idx, mask))
+      self._eval_programs[key] = jax.jit(add, donate_argnums=(0,), out_shardings=self.rep)
+    fn = self._eval_programs[key]
+    totals = jax.jit(lambda: {k: jnp.zeros((), jnp.float32) for k in ('loss', 'correct', 'count')},
+                     out_shardings=self.rep)()
+    for inputs in self.data.eval_batches(split):
+      totals = fn(totals, state, *inputs)
+      if self._serialize:
+        jax.block_until_ready(totals)
+    return totals
 
   def check_tta(self, tta: Optional[str]) -> str:
     tta = self.config.train.eval_tta if tta is None else tta

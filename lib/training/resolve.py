@@ -15,6 +15,7 @@ from lib.core import factors
 from lib.core.config import _mark_resolved, base_config, flatten, is_resolved
 from lib.core.errors import UserError
 from lib.data import datasets as data
+from lib.data import stream
 from lib.model import inits, models
 from lib.training import losses, optim
 
@@ -67,6 +68,16 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if not 0.0 < config.data.val_fraction < 1.0:
     raise UserError(f'data.val_fraction={config.data.val_fraction} must be in (0, 1): '
                     'the validation split drives evaluation and the best checkpoint')
+  if config.data.pipeline not in stream.PIPELINES:
+    raise UserError(f'unknown data.pipeline={config.data.pipeline!r}; valid: '
+                    f'{", ".join(stream.PIPELINES)}')
+  for key in ('image_size', 'workers', 'prefetch', 'max_bad_records'):
+    if config.data[key] < 0:
+      raise UserError(f'data.{key}={config.data[key]} must be >= 0')
+  if config.data.image_size and config.data.pipeline == 'resident':
+    raise UserError(f'data.image_size={config.data.image_size} resizes images on the host, '
+                    'which only the stream pipeline does; use --config.data.pipeline=stream '
+                    '(or auto), or data.image_size=0')
   if config.train.eval_every < 0:
     raise UserError(f'train.eval_every={config.train.eval_every} must be >= 0 (0 = every epoch)')
   if config.train.vectorize_mode not in VECTORIZE_MODES:

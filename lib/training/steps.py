@@ -1,7 +1,8 @@
 """The compiled train step: the objective, in the order the README states.
 
 The batch is gathered on device from the resident dataset by this epoch's
-permutation; every random draw comes from the step's named streams
+permutation (`make_train_step`), or comes from the streaming pipeline
+(`make_batch_step`, the same step on a given batch); every random draw comes from the step's named streams
 (lib/training/state.py). The state, its streams and the evaluation step live in
 state.py and eval_step.py; their names are re-exported here.
 """
@@ -32,9 +33,24 @@ def hparam_config_keys() -> Dict[str, str]:
 
 def make_train_step(model, tx_build, config, mesh, mean, std, num_classes: int,
                     steps_per_epoch: int) -> Callable:
-  """train_step(state, hparams, images, labels, epoch_indices, sums) -> (state, sums).
+  """train_step(state, hparams, images, labels, epoch_indices, sums) -> (state, sums)
+  on the resident split: the batch of this step gathered by index, then `make_batch_step`'s."""
+  batch_step = make_batch_step(model, tx_build, config, mesh, mean, std, num_classes)
 
-  Per step: gather the batch; pixel-space augmentations; normalize; cutout;
+  def train_step(state, hp, images, labels, epoch_indices, sums):
+    idx = jax.lax.dynamic_index_in_dim(epoch_indices, state.step % steps_per_epoch, keepdims=False)
+    return batch_step(state, hp, images[idx], labels[idx], sums)
+
+  return train_step
+
+
+def make_batch_step(model, tx_build, config, mesh, mean, std, num_classes: int,
+                    host_augmentations=()) -> Callable:
+  """batch_step(state, hparams, batch_images, batch_labels, sums) -> (state, sums):
+  one step on a uint8 batch (the streaming pipeline's, or one gathered on device).
+  `host_augmentations` were done by the input pipeline and are skipped here.
+
+  Per step: pixel-space augmentations; normalize; cutout;
   mixup / cutmix; (FGSM) adversarial inputs; input noise; then the loss
   (train.loss on label-smoothed targets) + L2 + L1 + activation L1 penalties
   on a forward pass with DropConnect / weight noise on the kernels and dropout,
@@ -49,15 +65,13 @@ def make_train_step(model, tx_build, config, mesh, mean, std, num_classes: int,
   batch_sharding = sharding.sharded_along(mesh, 4)
   lo, hi = (0.0 - mean) / std, (1.0 - mean) / std   # the pixel range, normalized
 
-  def train_step(state, hp, images, labels, epoch_indices, sums):
-    idx = jax.lax.dynamic_index_in_dim(epoch_indices, state.step % steps_per_epoch, keepdims=False)
-    x = images[idx].astype(jnp.float32) / 255.0
+  def batch_step(state, hp, batch_images, y, sums):
+    x = batch_images.astype(jnp.float32) / 255.0
     x = jax.lax.with_sharding_constraint(x, batch_sharding)
-    y = labels[idx]
     key = jax.random.fold_in(state.rng, state.step)
-    x = augment.apply(stream(key, 'augment'), x, aug, hp, 'pixel')
+    x = augment.apply(stream(key, 'augment'), x, aug, hp, 'pixel', skip=host_augmentations)
     x = (x - mean) / std
-    x = augment.apply(stream(key, 'augment'), x, aug, hp, 'normalized')
+    x = augment.apply(stream(key, 'augment'), x, aug, hp, 'normalized', skip=host_augmentations)
     targets = jax.nn.one_hot(y, num_classes)
     x, targets = augment.mix(stream(key, 'mix'), x, targets, aug, hp)
     if on('label_smoothing'):
@@ -109,4 +123,4 @@ def make_train_step(model, tx_build, config, mesh, mean, std, num_classes: int,
     }
     return new_state, sums
 
-  return train_step
+  return batch_step

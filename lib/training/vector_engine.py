@@ -113,6 +113,7 @@ class VectorEngine:
     self._stack = jax.jit(lambda *s: _stack(s), out_shardings=self.by_arm)
     self._arm_state = jax.jit(_take, out_shardings=self.rep)
     self._active = (None, None)   # the last mask uploaded: (host values, device array)
+    self._epoch = (None, None)    # the current epoch and its indices
     # Running metrics and evaluation totals are small: replicated, so every process
     # of a multi-host job can read all arms' values.
     self._zero_sums = jax.jit(lambda: _stack([state_lib.zero_sums()] * self.n),
@@ -197,7 +198,7 @@ class VectorEngine:
     varying = set(arms_lib.varying_keys())
     static = {k: v for k, v in flat.items() if k not in varying}
     switches = {k: factors.is_on(k, flat[k]) for k in factors.hparam_keys().values()}
-    data = [self.dataset.image_shape, len(self.dataset.train[1]), self.dataset.num_classes,
+    data = [self.dataset.image_shape, self.dataset.num_examples('train'), self.dataset.num_classes,
             self.base.mean.tolist(), self.base.std.tolist()]
     return json.dumps([what, static, switches, self.n, self.mode, repr(self.mesh), data],
                       sort_keys=True, default=str)
@@ -215,10 +216,17 @@ class VectorEngine:
 
   def epoch_indices(self, epoch: int) -> jax.Array:
     """(arms, steps, batch): each arm's own shuffle of this epoch."""
-    per_arm = [device.epoch_permutation(c.seed, epoch, len(self.dataset.train[1]),
+    per_arm = [device.epoch_permutation(c.seed, epoch, self.dataset.num_examples('train'),
                                         self.steps_per_epoch, c.train.batch_size)
                for c in self.configs]
     return sharding.to_global(np.stack(per_arm), self._indices_sharding)
+
+  def step_inputs(self, step: int) -> jax.Array:
+    """The arms' indices of step `step`'s epoch (uploaded once per epoch)."""
+    epoch = step // self.steps_per_epoch
+    if self._epoch[0] != epoch:
+      self._epoch = (epoch, self.epoch_indices(epoch))
+    return self._epoch[1]
 
   def zero_sums(self):
     return self._zero_sums()
@@ -288,16 +296,5 @@ def _compiled(key: str, compile_fn):
   return cache.process_cache().program(key, compile_fn)
 
 
-def device_memory_budget(devices) -> int:
-  """Bytes one device may use for a program: 90% of the accelerator's limit, or
-  half the host's memory shared by its CPU devices (read on this process's devices)."""
-  local = [d for d in devices if d.process_index == jax.process_index()] or list(devices)
-  stats = None
-  try:
-    stats = local[0].memory_stats()
-  except Exception:   # noqa: BLE001 - not every backend reports
-    pass
-  if stats and stats.get('bytes_limit'):
-    return int(0.9 * stats['bytes_limit'])
-  host = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-  return int(0.5 * host / len(local))
+# The budget of one device (lib/data/device.py), here since the memory check of groups.
+device_memory_budget = device.memory_budget
