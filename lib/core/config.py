@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.depth = -1            # -1: the model's default (see README table)
   c.model.width = -1            # -1: the model's default
   c.model.dtype = 'float32'     # compute dtype: float32 | bfloat16 (params stay f32)
+  c.model.stem = 'auto'         # residual nets: auto (ImageNet's above 64 px) | imagenet | cifar
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = 'momentum'     # sgd momentum nesterov adagrad rmsprop adam adamw
