@@ -62,6 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.schedule.name = 'cosine'    # constant step cosine linear inverse_sqrt
   c.schedule.warmup_epochs = 0.0
   c.schedule.milestone_fractions = (0.5, 0.75)  # step schedule: at these fractions of training
+  c.schedule.milestone_epochs = ()  # step schedule: at these epochs instead, e.g. (30, 60, 80)
   c.schedule.factor = 0.1       # step schedule: multiply at each milestone
   c.schedule.final_fraction = 0.0  # cosine/linear: end at lr * final_fraction
 
