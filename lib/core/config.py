@@ -39,6 +39,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.name = ''              # tfds dataset name, e.g. cifar10
   c.data.val_fraction = 0.1     # held out of the training split, fixed per split_seed
   c.data.split_seed = 0         # the train/val split does not move with `seed`
+  # The streaming pipeline's keys (records decoded and resized on host worker processes).
+  # Declared here for experiments/imagenet_resnet.py; the pipeline that reads them is being
+  # added to lib/data on another branch, whose definitions win when the two meet.
+  c.data.pipeline = 'auto'      # auto | resident | stream
+  c.data.image_size = 0         # stream: model input size in pixels; 0 = the source's own
+  c.data.workers = 0            # stream: host worker processes; 0 = automatic
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'mlp'
