@@ -125,3 +125,59 @@ def test_unknown_names_list_the_valid_ones():
     build('resnet21')
   with pytest.raises(UserError, match='valid: elu, gelu, leaky_relu, maxout, relu, sigmoid, tanh'):
     build('mlp', activation='swish')
+
+
+def _first_activation_and_logits(model, shape):
+  """Shapes (no compute): the stem's first activation and the logits."""
+  def run():
+    x = jnp.zeros(shape)
+    v = model.init(jax.random.PRNGKey(0), x)
+    acts = models.activations(model, v, x, train=False)
+    return acts[0][1], model.apply(v, x)
+  return jax.eval_shape(run)
+
+
+@pytest.mark.parametrize('name', ['resnet18', 'resnet50'])
+def test_imagenet_stem_above_64_px_and_model_stem_forces_either(name):
+  # auto: 7x7 stride-2 conv (its activation at half size) then a 3x3 stride-2 max-pool
+  # above 64 px; a 3x3 stride-1 conv (full size) at 64 px and below, as before.
+  act, logits = _first_activation_and_logits(build(name, classes=1000), IMAGENET)
+  assert act.shape == (1, 112, 112, 64) and logits.shape == (1, 1000)
+  assert _first_activation_and_logits(build(name), (1, 64, 64, 3))[0].shape == (1, 64, 64, 64)
+  # model.stem=imagenet keeps the ImageNet stem (and torchvision's parameter count) at 64 px.
+  narrow = build(name, classes=1000, stem='imagenet')
+  assert _first_activation_and_logits(narrow, (1, 64, 64, 3))[0].shape == (1, 32, 32, 64)
+  assert count(narrow, (1, 64, 64, 3)) == count(build(name, classes=1000), IMAGENET)
+  cifar = build(name, classes=1000, stem='cifar')
+  assert _first_activation_and_logits(cifar, IMAGENET)[0].shape == (1, 224, 224, 64)
+  assert count(cifar, IMAGENET) == count(build(name, classes=1000), IMAGENET) - 7 * 7 * 3 * 64 \
+      + 3 * 3 * 3 * 64
+
+
+def test_model_stem_is_checked():
+  with pytest.raises(UserError, match="unknown model.stem='big'; valid: auto, imagenet, cifar"):
+    build('resnet18', stem='big')
+  with pytest.raises(UserError, match='model.stem=imagenet .* model.name=mlp'):
+    build('mlp', stem='imagenet')
+
+
+def test_narrow_resnet50_and_resnet18_scale_every_stage_with_model_width():
+  # Stage widths 64-128-256-512 (x4 expansion for the bottleneck) at width 64, the
+  # same shape at any width: width w has (w/64)^2 of the conv parameters.
+  for name, full in (('resnet18', 11_689_512), ('resnet50', 25_557_032)):
+    fc = lambda w: (8 * w if name == 'resnet50' else 2 * w) * 4 * 1000 + 1000
+    narrow = count(build(name, classes=1000, width=16), IMAGENET)
+    assert narrow - fc(16) == pytest.approx((full - fc(64)) / 16, rel=0.01)
+
+
+def test_bfloat16_resnet50_computes_in_bfloat16_with_float32_params_and_logits():
+  m = build('resnet50', dtype='bfloat16', width=8, stem='imagenet')
+  x = jnp.ones((2, 64, 64, 3))
+  v = m.init(jax.random.PRNGKey(0), x)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(v['params']))
+  acts = models.activations(m, v, x, train=False)
+  assert all(a.dtype == jnp.bfloat16 for _, a in acts)
+  logits = m.apply(v, x)
+  assert logits.dtype == jnp.float32 and logits.shape == (2, 10)
+  full = build('resnet50', width=8, stem='imagenet').apply(v, x)   # the same net in float32
+  assert float(jnp.abs(logits - full).max()) < 0.02 * float(jnp.abs(full).max())

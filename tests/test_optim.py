@@ -177,3 +177,35 @@ def test_weight_decay_experiment_compares_matched_strengths(arg):
       partner = arms[decoupled.replace('adam_', 'momentum_')]
       assert lrs['adam'] * wd == pytest.approx(lrs['momentum'] * partner['optim.weight_decay'])
   assert {arms[d]['optim.name'] for d, _ in pairs} == {'momentum', 'adam'}
+
+
+def test_step_schedule_at_epochs_after_warmup_is_goyals_recipe():
+  # Goyal et al. 2017: 5 warmup epochs from 0, then x0.1 at epochs 30, 60 and 80 of 90
+  # (counted from the start, warmup included); here 10 steps per epoch. The epochs
+  # replace milestone_fractions.
+  c = config(schedule__name='step', schedule__warmup_epochs=5.0,
+             schedule__milestone_epochs=(30, 60, 80), schedule__milestone_fractions=(0.1,))
+  f = optim.schedule(c.schedule, 900, 10)
+  steps = (0, 25, 50, 299, 300, 599, 600, 799, 800, 899)
+  assert [float(f(s)) for s in steps] == pytest.approx(
+      [0, 0.5, 1, 1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+  # Fractional epochs land on their step; one that falls inside warmup acts at its end.
+  c = config(schedule__name='step', schedule__warmup_epochs=1.0,
+             schedule__milestone_epochs=(0.5, 2.5))
+  f = optim.schedule(c.schedule, 40, 10)
+  assert [float(f(s)) for s in (9, 10, 24, 25)] == pytest.approx([0.9, 0.1, 0.1, 0.01])
+  # The cosine alternative after the same warmup: half way through the rest, half the peak.
+  f = optim.schedule(config(schedule__warmup_epochs=5.0).schedule, 900, 10)
+  assert [float(f(s)) for s in (50, 475, 900)] == pytest.approx([1, 0.5, 0], abs=1e-6)
+
+
+@pytest.mark.parametrize('kw,match', [
+    ({'schedule__name': 'step', 'schedule__milestone_epochs': (30, 90)},
+     r'milestone_epochs=\(30, 90\) must each lie inside training, in \(0, 90\) epochs'),
+    ({'schedule__name': 'step', 'schedule__milestone_epochs': (0, 30)}, 'inside training'),
+    ({'schedule__name': 'step', 'schedule__milestone_epochs': ('30',)}, 'inside training'),
+    ({'schedule__milestone_epochs': (30,)}, 'read by schedule.name=step only, not cosine')])
+def test_bad_milestone_epochs_fail_in_one_line(kw, match):
+  with pytest.raises(UserError, match=match) as e:
+    optim.schedule(config(**kw).schedule, 900, 10)
+  assert '\n' not in str(e.value)

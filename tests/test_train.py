@@ -48,10 +48,11 @@ def test_run_directory_is_self_describing(finished_run):
   assert rd.read_config()['model']['width'] == 512
   rows = rd.read_metrics()
   assert [r['step'] for r in rows] == [40, 80, 120, 160]   # once per epoch
-  for key in ('step', 'epoch', 'running_train_loss', 'running_train_accuracy', 'train_eval_loss',
-              'train_eval_accuracy', 'val_loss', 'val_accuracy', 'lr',
-              'examples_per_sec', 'wall_time'):
-    assert key in rows[0]
+  # Exactly these, in this order: 10 classes report no top-5 (tests/test_top5.py).
+  for row in rows:
+    assert list(row) == ['step', 'epoch', 'running_train_loss', 'running_train_accuracy',
+                         'train_eval_loss', 'train_eval_accuracy', 'val_loss', 'val_accuracy',
+                         'lr', 'examples_per_sec', 'wall_time']
   assert os.listdir(os.path.join(workdir, 'tb'))
   best = max(rows, key=lambda r: (r['val_accuracy'], r['step']))
   assert status['best_step'] == best['step']
@@ -139,6 +140,7 @@ def test_eval_of_best_checkpoint_reproduces_logged_accuracy(finished_run, device
     assert result['accuracy'] == status['best_val_accuracy']
   test = evaluate.evaluate_checkpoint(workdir, 'latest', split='test', tta='flip')
   assert test['num_examples'] == 360 and 0.5 < test['accuracy'] <= 1.0
+  assert list(test) == ['accuracy', 'loss', 'num_examples', 'step']   # no top-5 for 10 classes
 
 
 def test_divergence_stops_with_status_and_keeps_last_good_checkpoint(tmp_path):

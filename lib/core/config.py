@@ -54,6 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.depth = -1            # -1: the model's default (see README table)
   c.model.width = -1            # -1: the model's default
   c.model.dtype = 'float32'     # compute dtype: float32 | bfloat16 (params stay f32)
+  c.model.stem = 'auto'         # residual nets: auto (ImageNet's above 64 px) | imagenet | cifar
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = 'momentum'     # sgd momentum nesterov adagrad rmsprop adam adamw
@@ -70,6 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.schedule.name = 'cosine'    # constant step cosine linear inverse_sqrt
   c.schedule.warmup_epochs = 0.0
   c.schedule.milestone_fractions = (0.5, 0.75)  # step schedule: at these fractions of training
+  c.schedule.milestone_epochs = ()  # step schedule: at these epochs instead, e.g. (30, 60, 80)
   c.schedule.factor = 0.1       # step schedule: multiply at each milestone
   c.schedule.final_fraction = 0.0  # cosine/linear: end at lr * final_fraction
 

@@ -23,10 +23,14 @@ from lib.model.layers import (  # noqa: F401 - models.Options, models.NORMS ... 
 MODELS = Registry('model', 'model.name')
 
 
+STEMS = ('auto', 'imagenet', 'cifar')   # model.stem, for the models that use `Model.stem`
+
+
 class Model(Layers):
   num_classes: int = 10
   depth: int = 0
   width: int = 0
+  stem_type: str = 'auto'   # model.stem
 
   def classifier(self, x, train, hp):
     x = self.dropout(x, train, hp, 'head')
@@ -37,10 +41,11 @@ class Model(Layers):
     return dict(activation=self.activation, norm=self.norm, dtype=self.dtype, opts=self.opts)
 
   def stem(self, x, train, hp, width, preact=False):
-    """3x3 stride-1 conv for inputs of 64 pixels or less (the CIFAR habit), else
-    7x7 stride-2 conv + 3x3 max-pool (ImageNet)."""
+    """model.stem=auto: 3x3 stride-1 conv for inputs of 64 pixels or less (the CIFAR
+    habit), else 7x7 stride-2 conv + 3x3 stride-2 max-pool (ImageNet); `imagenet` or
+    `cifar` use that one at any size (a 64-px ImageNet recipe keeps its stem)."""
     x = x.astype(self.dtype)
-    if x.shape[1] > 64:
+    if self.stem_type == 'imagenet' or (self.stem_type == 'auto' and x.shape[1] > 64):
       x = self.conv(width, kernel=7, strides=2)(x)
       x = nn.max_pool(self.act(self.make_norm(train)(x), train, hp), (3, 3), strides=(2, 2),
                       padding='SAME')
@@ -283,7 +288,7 @@ def build(model_config, num_classes: int, regularize=None, dtype=None) -> nn.Mod
     dtype = jnp.bfloat16 if model_config.dtype == 'bfloat16' else jnp.float32
   return entry.fn(num_classes=num_classes, depth=model_config.depth, width=model_config.width,
                   activation=model_config.activation, norm=model_config.norm, dtype=dtype,
-                  opts=Options.from_config(model_config, regularize))
+                  stem_type=model_config.stem, opts=Options.from_config(model_config, regularize))
 
 
 def activations(model, variables, images, hp=None, train=True):

@@ -16,7 +16,8 @@ from lib.training import arms, engine
 def evaluate_checkpoint(workdir: str, checkpoint: str = 'best', split: str = 'val',
                         tta: Optional[str] = None, data_source: Optional[str] = None,
                         data_path: Optional[str] = None, mesh=None) -> Dict[str, Any]:
-  """Returns {"accuracy", "loss", "num_examples", "step"} for the chosen checkpoint.
+  """Returns {"accuracy", "loss", "num_examples", "step"} for the chosen checkpoint,
+  with "top5_accuracy" after "accuracy" for datasets of more than 10 classes.
 
   data_source/data_path evaluate on another dataset of the same image shape,
   normalized with the statistics of the run's own training split.
@@ -44,7 +45,8 @@ def evaluate_checkpoint(workdir: str, checkpoint: str = 'best', split: str = 'va
   state, _ = checkpoints.restore(step, eng.abstract_state())
   result = eng.evaluate(state, split, tta)
   checkpoints.close()
-  return {'accuracy': result['accuracy'], 'loss': result['loss'],
+  top5 = {'top5_accuracy': result['top5_accuracy']} if 'top5_accuracy' in result else {}
+  return {'accuracy': result['accuracy'], **top5, 'loss': result['loss'],
           'num_examples': result['num_examples'], 'step': step}
 
 

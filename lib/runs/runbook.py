@@ -178,15 +178,20 @@ class RunBook:
     """Appends the evaluation's row to metrics.jsonl and TensorBoard (and the
     histograms: a (params, activations) pair of host values). train_loss/acc are the
     running means since the last evaluation (under augmentation and regularization);
-    `train_eval` is the fixed training subset evaluated as val is."""
+    `train_eval` is the fixed training subset evaluated as val is. Their top5_accuracy
+    (datasets of more than 10 classes) becomes train_eval_top5_accuracy and
+    val_top5_accuracy, each beside its accuracy."""
     row = {'step': done, 'epoch': done / steps_per_epoch,
-           'running_train_loss': train_loss, 'running_train_accuracy': train_acc,
-           'train_eval_loss': train_eval['loss'], 'train_eval_accuracy': train_eval['accuracy'],
-           'val_loss': val['loss'], 'val_accuracy': val['accuracy'], 'lr': lr,
-           'examples_per_sec': examples_per_sec,
-           'wall_time': self.wall_offset + time.time() - self.run_start}
+           'running_train_loss': train_loss, 'running_train_accuracy': train_acc}
+    for prefix, result in (('train_eval', train_eval), ('val', val)):
+      row[f'{prefix}_loss'], row[f'{prefix}_accuracy'] = result['loss'], result['accuracy']
+      if 'top5_accuracy' in result:
+        row[f'{prefix}_top5_accuracy'] = result['top5_accuracy']
+    row.update({'lr': lr, 'examples_per_sec': examples_per_sec,
+                'wall_time': self.wall_offset + time.time() - self.run_start})
+    top5 = f' val_top5_accuracy {val["top5_accuracy"]:.4f}' if 'top5_accuracy' in val else ''
     self.log(f'  eval step {done}: val_loss {val["loss"]:.4f} val_accuracy {val["accuracy"]:.4f}'
-             f' | train_eval_accuracy {train_eval["accuracy"]:.4f}')
+             f'{top5} | train_eval_accuracy {train_eval["accuracy"]:.4f}')
     self._check_lock()   # another process took the run over: write nothing more
     if self.primary:
       self.writer.write(row)

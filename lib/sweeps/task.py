@@ -161,7 +161,9 @@ def _test(rundir: RunDir, evaluate, status: Dict[str, Any], log, primary: bool):
       record.update(test_skipped=str(e))
       rundir.set_status(**{k: v for k, v in record.items() if k != 'updated'})
     return status
-  log(f'test accuracy of the best checkpoint (step {result["step"]}): {result["accuracy"]:.4f}')
+  top5 = f', top-5 {result["top5_accuracy"]:.4f}' if 'top5_accuracy' in result else ''
+  log(f'test accuracy of the best checkpoint (step {result["step"]}): {result["accuracy"]:.4f}'
+      f'{top5}')
   status = {**status, 'test': result}
   if primary:
     record = rundir.read_status()

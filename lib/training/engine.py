@@ -157,21 +157,25 @@ class Engine:
     return self._eval_programs[tta]
 
   def eval_split_fn(self, tta: str):
-    """run(state, images, labels, idx, mask) -> sums of loss, correct, count (not jitted)."""
-    eval_step = eval_lib.make_eval_step(self.model, self.mean, self.std, tta)
+    """run(state, images, labels, idx, mask) -> sums of loss, correct, count, and
+    correct5 above 10 classes (eval_step.reports_top5) (not jitted)."""
+    top5 = eval_lib.reports_top5(self.dataset.num_classes)
+    eval_step = eval_lib.make_eval_step(self.model, self.mean, self.std, tta, top5=top5)
+    keys = ('loss', 'correct', 'count') + (('correct5',) if top5 else ())
 
     def run(state, images, labels, idx, mask):
       def body(totals, batch):
         out = eval_step(state, images, labels, *batch)
         return jax.tree.map(jnp.add, totals, out), None
-      zeros = {k: jnp.zeros((), jnp.float32) for k in ('loss', 'correct', 'count')}
+      zeros = {k: jnp.zeros((), jnp.float32) for k in keys}
       return jax.lax.scan(body, zeros, (idx, mask))[0]
 
     return run
 
   def evaluate(self, state, split: str = 'val', tta: Optional[str] = None) -> Dict[str, float]:
-    """Loss and accuracy over a whole split, in fixed padded batches, with
-    test-time augmentation `tta` (default: the config's train.eval_tta)."""
+    """Loss and accuracy (top-5 too above 10 classes) over a whole split, in fixed
+    padded batches, with test-time augmentation `tta` (default: the config's
+    train.eval_tta)."""
     tta = self.check_tta(tta)
     if self.pipeline == 'stream':
       return eval_result(jax.device_get(self._eval_streamed(state, split, tta)))
@@ -209,7 +213,11 @@ class Engine:
 
 
 def eval_result(totals) -> Dict[str, float]:
-  """Loss and accuracy from an evaluation's host sums."""
+  """Loss and accuracy (and top5_accuracy where the sums have correct5) from an
+  evaluation's host sums."""
   count = int(totals['count'])
-  return {'loss': float(totals['loss']) / count, 'accuracy': float(totals['correct']) / count,
-          'num_examples': count}
+  out = {'loss': float(totals['loss']) / count, 'accuracy': float(totals['correct']) / count}
+  if 'correct5' in totals:
+    out['top5_accuracy'] = float(totals['correct5']) / count
+  out['num_examples'] = count
+  return out

@@ -1,7 +1,8 @@
 """The evaluation step: a deterministic forward pass, with test-time augmentation.
 
 `make_eval_step` sums loss and correct predictions over a padded batch (the
-engine scans it over a whole split); `views` gives the test-time views of
+engine scans it over a whole split), and top-5 correct predictions for datasets
+of more than 10 classes (`reports_top5`); `views` gives the test-time views of
 `train.eval_tta` (none, flip, crops).
 """
 from typing import Callable
@@ -12,6 +13,13 @@ import jax.numpy as jnp
 from lib.core import factors
 
 TTA = factors.FACTORS['train.eval_tta'].choices
+TOP_K = 5
+
+
+def reports_top5(num_classes: int) -> bool:
+  """Whether evaluations of a dataset with `num_classes` classes also report top-5
+  accuracy: only above 10 classes, so 10-class runs write what they always did."""
+  return num_classes > 10
 
 
 def views(x, tta: str, pad: int = 4):
@@ -29,12 +37,13 @@ def views(x, tta: str, pad: int = 4):
   return crops + [c[:, :, ::-1, :] for c in crops]
 
 
-def make_eval_step(model, mean, std, tta: str = 'none') -> Callable:
-  """eval_step(state, images, labels, idx, mask) -> sums of loss, correct, count.
+def make_eval_step(model, mean, std, tta: str = 'none', top5: bool = False) -> Callable:
+  """eval_step(state, images, labels, idx, mask) -> sums of loss, correct, count
+  (and correct5 with `top5`: the label among the 5 highest scores).
 
   With test-time augmentation the softmax outputs of the views are averaged
-  (cross-entropy of the averaged prediction). Crops pad in pixel space, with
-  black as in training's random crop.
+  (cross-entropy of the averaged prediction, top-1 and top-5 of it). Crops pad
+  in pixel space, with black as in training's random crop.
   """
   def predict(state, x):
     return model.apply({'params': state.params, 'batch_stats': state.batch_stats}, x, train=False)
@@ -50,6 +59,17 @@ def make_eval_step(model, mean, std, tta: str = 'none') -> Callable:
     loss = -jnp.take_along_axis(log_probs, y[:, None], axis=-1)[:, 0]
     correct = jnp.argmax(log_probs, -1) == y
     m = mask.astype(jnp.float32)
-    return {'loss': jnp.sum(loss * m), 'correct': jnp.sum(correct * m), 'count': jnp.sum(m)}
+    out = {'loss': jnp.sum(loss * m), 'correct': jnp.sum(correct * m), 'count': jnp.sum(m)}
+    if top5:
+      out['correct5'] = jnp.sum(top_k_correct(log_probs, y, TOP_K) * m)
+    return out
 
   return eval_step
+
+
+def top_k_correct(scores, labels, k: int):
+  """Per example, whether the label is among the k highest scores. Ties go to the
+  lower class index, as in argmax (lax.top_k is stable), so top-k never counts
+  fewer than top-1."""
+  _, top = jax.lax.top_k(scores, min(k, scores.shape[-1]))
+  return jnp.any(top == labels[:, None], axis=-1)

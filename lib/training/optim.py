@@ -14,6 +14,7 @@ the compiled step, so one program serves any value (and later many arms).
 The chain is rebuilt inside the step from those arrays; its state structure
 does not depend on them.
 """
+import numbers
 from typing import Callable, Dict
 
 import jax
@@ -46,11 +47,14 @@ SCHEDULES.add('cosine', lambda c, n, w, e: optax.cosine_decay_schedule(
 SCHEDULES.add('linear', lambda c, n, w, e: optax.linear_schedule(1.0, c.final_fraction,
                                                                  max(n, 1)))
 def _step_schedule(c, n, w, e):
-  # Milestones are fractions of all training (warmup included); the main schedule
-  # counts from the end of warmup. Milestones landing on one step compound.
+  # Milestones are epochs (milestone_epochs, when given) or fractions of all training
+  # (milestone_fractions), both counted from the start, warmup included; the main
+  # schedule counts from the end of warmup. Milestones landing on one step compound.
+  at = ([m * e for m in c.milestone_epochs] if c.milestone_epochs
+        else [f * (n + w) for f in c.milestone_fractions])
   scales = {}
-  for f in c.milestone_fractions:
-    boundary = max(int(round(f * (n + w))) - w, 0)
+  for step in at:
+    boundary = max(int(round(step)) - w, 0)
     scales[boundary] = scales.get(boundary, 1.0) * c.factor
   return optax.piecewise_constant_schedule(1.0, scales)
 
@@ -74,6 +78,7 @@ def schedule(schedule_config, total_steps: int, steps_per_epoch: int) -> Callabl
   """The learning-rate multiplier as a function of the step (peak 1.0)."""
   if schedule_config.warmup_epochs < 0:
     raise UserError(f'schedule.warmup_epochs={schedule_config.warmup_epochs} must be >= 0')
+  _check_milestone_epochs(schedule_config, total_steps / steps_per_epoch)
   warmup = int(round(schedule_config.warmup_epochs * steps_per_epoch))
   if warmup >= total_steps and warmup > 0:
     raise UserError(f'schedule.warmup_epochs={schedule_config.warmup_epochs} is not '
@@ -83,6 +88,20 @@ def schedule(schedule_config, total_steps: int, steps_per_epoch: int) -> Callabl
   if warmup == 0:
     return main
   return optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup), main], [warmup])
+
+
+def _check_milestone_epochs(c, epochs: float) -> None:
+  """schedule.milestone_epochs: for the step schedule, each inside training."""
+  if not c.milestone_epochs:
+    return
+  given = ', '.join(str(m) for m in c.milestone_epochs)
+  if c.name != 'step':
+    raise UserError(f'schedule.milestone_epochs=({given}) is read by schedule.name=step only, '
+                    f'not {c.name}; set schedule.name=step or leave it empty')
+  if not all(isinstance(m, numbers.Real) and not isinstance(m, bool) and 0 < m < epochs
+             for m in c.milestone_epochs):
+    raise UserError(f'schedule.milestone_epochs=({given}) must each lie inside training, '
+                    f'in (0, {epochs:g}) epochs')
 
 
 def decay_mask(params, decay_all: bool = False):

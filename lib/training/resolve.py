@@ -60,6 +60,11 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise UserError(f'{key} needs residual blocks, which model.name={config.model.name} '
                         'does not have (residual models: '
                         f'{", ".join(n for n in models.MODELS.names() if models.MODELS.get(n).defaults.get("residual"))})')
+  if config.model.stem not in models.STEMS:
+    raise UserError(f'unknown model.stem={config.model.stem!r}; valid: {", ".join(models.STEMS)}')
+  if config.model.stem != 'auto' and not entry.defaults.get('residual'):
+    raise UserError(f'model.stem={config.model.stem} sets the stem of the residual models; '
+                    f'model.name={config.model.name} has none (leave model.stem=auto)')
   losses.LOSSES.get(config.train.loss)
   if config.model.dtype not in ('float32', 'bfloat16'):
     raise UserError(f'model.dtype={config.model.dtype!r}; valid: bfloat16, float32')
