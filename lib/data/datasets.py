@@ -10,10 +10,11 @@ import os
 import pickle
 from typing import Optional, Tuple
 
+import ml_collections
 import numpy as np
 
 from lib.core import cache
-from lib.data import stream
+from lib.data import records, stream
 from lib.core.errors import UserError
 from lib.core.registry import Registry
 
@@ -60,7 +61,7 @@ class Dataset:
   def source_of(self, name: str):
     """Split `name` as a source of the streaming pipeline (lib/data/stream.py)."""
     images, labels = self.split(name)
-    return stream.ArraySplit(images, labels, name)
+    return records.ArraySource(images, labels, self.num_classes, name)
 
 
 def train_eval_indices(n: int, k: int) -> np.ndarray:
@@ -242,6 +243,94 @@ def _tfds(data_config):
   return train, test, num_classes
 
 
+# Sources read as records by the streaming pipeline (lib/data/stream.py): each returns
+# (train source, test source or None, num_classes), never arrays of the whole split.
+@SOURCES.register('records', streamed=True)
+def _records(data_config):
+  """ArrayRecord files of encoded images (lib/data/records.py's format): data.path a
+  directory with train*.array_record (and test*.array_record) and meta.json."""
+  path = _path(data_config, os.path.exists, 'directory or file',
+               'directory of train*.array_record files and meta.json')
+  if os.path.isdir(path):
+    train = records.RecordFileSource(os.path.join(path, 'train*.array_record'))
+    tests = glob.glob(os.path.join(path, 'test*.array_record'))
+    test = records.RecordFileSource(sorted(tests), train.num_classes) if tests else None
+  else:
+    train, test = records.RecordFileSource(path), None
+  return train, test, train.num_classes
+
+
+@SOURCES.register('synthetic_jpeg', streamed=True)
+def _synthetic_jpeg(data_config):
+  """A small generated dataset of variable-size JPEGs (640 train, 160 test, 10 classes)
+  in the `records` format, written once to the temp directory: the whole streaming
+  path (ArrayRecord, JPEG decoding, host transforms, workers) without a download."""
+  return _records(ml_collections.ConfigDict({'path': records.synthetic_jpeg_dir()}))
+
+
+def _tfds_streamed(data_config):
+  """A TFDS dataset read record by record (data.image_size > 0): any image size. Its
+  held-out split is `validation` where the dataset has one (imagenet2012), else `test`."""
+  train = records.TfdsSource(data_config.name, 'train', data_config.path or None)
+  test = None
+  for name in ('validation', 'test'):
+    try:
+      test = records.TfdsSource(data_config.name, name, data_config.path or None)
+      break
+    except UserError:
+      continue
+  return train, test, train.num_classes
+
+
+def streamed(data_config) -> bool:
+  """Whether `data_config` is read example by example (a RecordDataset): a source of
+  records, or images brought to data.image_size on the host."""
+  return bool(SOURCES.get(data_config.source).defaults.get('streamed')) or \
+      data_config.image_size > 0
+
+
+def _load_records(data_config) -> RecordDataset:
+  if data_config.source == 'tfds':
+    if not data_config.name:
+      raise UserError('data.source=tfds needs --config.data.name=<tfds name, e.g. imagenet2012>')
+    train, test, num_classes = _tfds_streamed(data_config)
+  elif SOURCES.get(data_config.source).defaults.get('streamed'):
+    train, test, num_classes = SOURCES.get(data_config.source).fn(data_config)
+  else:   # arrays in memory, resized on the host all the same
+    train, test, num_classes = SOURCES.get(data_config.source).fn(data_config)
+    train = records.ArraySource(*train, num_classes, 'train')
+    test = records.ArraySource(*test, num_classes, 'test') if test is not None else None
+  tr, va = split_train_val(len(train), data_config.val_fraction, data_config.split_seed)
+  if len(va) == 0:
+    raise UserError(f'data.val_fraction={data_config.val_fraction} leaves no validation '
+                    f'images out of {len(train)}; raise it')
+  name = data_config.source
+  train_view = stream.SplitView(train, tr, f'{name} train')
+  val_view = stream.SplitView(train, va, f'{name} train (val split)')
+  test_view = stream.SplitView(test, np.arange(len(test)), f'{name} test') if test else None
+  size = data_config.image_size
+  sample = _stat_sample(train_view, size)
+  mean, std = channel_stats(sample)
+  return RecordDataset(name, train_view, val_view, test_view, num_classes, mean, std,
+                       tuple(sample.shape[1:]))
+
+
+def _stat_sample(split, size: int, n: int = 256) -> np.ndarray:
+  """A fixed sample of training images as evaluated (at `size`), for the channel
+  statistics; with size 0 every sampled image must have one shape."""
+  idx = np.sort(np.random.RandomState(0).permutation(len(split))[:n])
+  images, shapes = [], set()
+  for i in idx:
+    image = np.asarray(split[int(i)][0])
+    image = image[..., None] if image.ndim == 2 else image
+    shapes.add(image.shape)
+    images.append(records.eval_transform(image, size) if size else image)
+  if not size and len(shapes) > 1:
+    raise UserError(f'{split.name} has images of several sizes ({", ".join(map(str, sorted(shapes)[:3]))}'
+                    ', ...): set --config.data.image_size=<model input size> to resize them')
+  return np.stack(images)
+
+
 def split_train_val(n: int, val_fraction: float, split_seed: int):
   """Fixed (sorted) train and val indices of a training split of size n."""
   n_val = int(round(n * val_fraction))
@@ -265,7 +354,9 @@ def load(data_config) -> Dataset:
   return dataclasses.replace(dataset)   # callers may set num_classes on their copy
 
 
-def _load(data_config) -> Dataset:
+def _load(data_config):
+  if streamed(data_config):
+    return _load_records(data_config)
   train, test, num_classes = SOURCES.get(data_config.source).fn(data_config)
   if len(train[1]) and (train[1].min() < 0 or train[1].max() >= num_classes):
     raise UserError(f'labels must lie in 0..{num_classes - 1}; got '

@@ -11,7 +11,7 @@ come from the step's random streams, not from the pipeline). Nothing here
 imports jax: the readers run in grain's worker processes.
 
 - A *source* is anything with `len()` and `source[i] -> (image HWC uint8, label)`:
-  in-memory arrays (`ArraySplit`), ArrayRecord files of encoded images, a TFDS
+  in-memory arrays, ArrayRecord files of encoded images, a TFDS
   `data_source` (lib/data/records.py). `SplitView` is a split of one by index.
 - `BatchReader(step)` is this process's rows of the step's global batch: each
   process reads only the rows its devices hold (a multi-process run reads its
@@ -53,19 +53,6 @@ def _bad_record_types():
     return (BadRecord, records.CorruptRecord)
   except (ImportError, AttributeError):
     return (BadRecord,)
-
-
-class ArraySplit:
-  """In-memory (images, labels) as a source (views, no copies)."""
-
-  def __init__(self, images: np.ndarray, labels: np.ndarray, name: str = 'arrays'):
-    self.images, self.labels, self.name = images, labels, name
-
-  def __len__(self) -> int:
-    return len(self.labels)
-
-  def __getitem__(self, i: int) -> Tuple[np.ndarray, int]:
-    return self.images[i], int(self.labels[i])
 
 
 class SplitView:
