@@ -76,7 +76,7 @@ def test_missing_paths_fail_clearly(tmp_path):
     data.load(data_config(source='cifar_dir', path=str(tmp_path / 'nope')))
   with pytest.raises(UserError, match='data.path'):
     data.load(data_config(source='npz', path=str(tmp_path / 'nope.npz')))
-  with pytest.raises(UserError, match='valid: cifar_dir, digits, npz, tfds'):
+  with pytest.raises(UserError, match='valid: cifar_dir, digits, npz, records, synthetic_jpeg, tfds'):
     data.load(data_config(source='imagenet'))
 
 

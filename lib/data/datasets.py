@@ -321,10 +321,15 @@ def _stat_sample(split, size: int, n: int = 256) -> np.ndarray:
   idx = np.sort(np.random.RandomState(0).permutation(len(split))[:n])
   images, shapes = [], set()
   for i in idx:
-    image = np.asarray(split[int(i)][0])
+    try:
+      image = np.asarray(split[int(i)][0])
+    except records.CorruptRecord:   # counted and reported when training reads it
+      continue
     image = image[..., None] if image.ndim == 2 else image
     shapes.add(image.shape)
     images.append(records.eval_transform(image, size) if size else image)
+  if not images:
+    raise UserError(f'no image of {split.name} can be read')
   if not size and len(shapes) > 1:
     raise UserError(f'{split.name} has images of several sizes ({", ".join(map(str, sorted(shapes)[:3]))}'
                     ', ...): set --config.data.image_size=<model input size> to resize them')

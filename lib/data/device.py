@@ -199,7 +199,7 @@ class StreamSplits:
     self.eval_transform = stream.HostTransform(size, self.shape)
     self.images_sharding = sharding.sharded_along(mesh, 1 + len(self.shape))
     self.labels_sharding = sharding.sharded_along(mesh, 1)
-    self.bad = {}   # (split, index) -> message
+    self.bad = {}   # message (naming the record) -> the split that read it
     self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     self._feed, self._next_step = None, None
     self._sources = {}
@@ -215,16 +215,16 @@ class StreamSplits:
     return self._sources[name]
 
   def _count_bad(self, split: str, item):
-    for index, message in item['bad']:
-      if (split, index) in self.bad:
+    for _, message in item['bad']:   # the message names the record: counted once
+      if message in self.bad:
         continue
-      self.bad[(split, index)] = message
+      self.bad[message] = split
       self.log(f'warning: skipped a bad record ({len(self.bad)} so far, limit '
                f'data.max_bad_records={self.limit}): {message}')
       if len(self.bad) > self.limit:
         raise stream.BadRecord(
             f'{len(self.bad)} bad records, more than data.max_bad_records={self.limit}; '
-            f'first: {next(iter(self.bad.values()))}. Fix or remove them, or raise the limit')
+            f'first: {next(iter(self.bad))}. Fix or remove them, or raise the limit')
 
   def _global(self, item, global_batch: int):
     images = jax.make_array_from_process_local_data(

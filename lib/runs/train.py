@@ -74,7 +74,7 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False, mesh=None,
   book = RunBook(config, workdir, fresh=fresh, log=log, hparams=hparams)   # reads only
   dataset = data.load(book.config.data)               # may fail: nothing written yet
   mesh = mesh if mesh is not None else sharding.make_mesh()
-  eng = engine.Engine(book.config, dataset, mesh)
+  eng = engine.Engine(book.config, dataset, mesh, log=book.log)
   try:
     finished = book.open(eng.total_steps)             # takes the run's lock
     if finished is not None:

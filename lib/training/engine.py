@@ -25,9 +25,10 @@ class Engine:
 
   mean/std default to the dataset's training statistics; evaluation of a
   restored run passes the statistics recorded with its checkpoint (eval_only).
+  `log` gets the streaming pipeline's warnings (bad records; default stderr).
   """
 
-  def __init__(self, config, dataset, mesh, mean=None, std=None, eval_only=False):
+  def __init__(self, config, dataset, mesh, mean=None, std=None, eval_only=False, log=None):
     self.config, self.dataset, self.mesh = config, dataset, mesh
     self.rep = sharding.replicated(mesh)
     self.mean = np.asarray(dataset.mean if mean is None else mean, np.float32)
@@ -48,7 +49,7 @@ class Engine:
     self._eval_programs: Dict[str, object] = {}
     self._epoch = (None, None)   # the resident path's current (epoch, indices)
     if self.pipeline == 'stream':
-      self.data = device.StreamSplits(dataset, mesh, config, self.steps_per_epoch)
+      self.data = device.StreamSplits(dataset, mesh, config, self.steps_per_epoch, log)
       host = stream.HOST_AUGMENTATIONS if config.data.image_size else ()
       batch_step = steps.make_batch_step(self.model, self.tx_build, config, mesh, self.mean,
                                          self.std, dataset.num_classes, host)
