@@ -1,5 +1,6 @@
 """Benchmark: python -m launch.benchmark [--models=mlp,resnet20] [--batch_size=128]
 [--cifar_dir=../shared/data/cifar-10-batches-py] [--arms=1,2,4,8,16] [--nocheckpoint_pause]
+[--stream=imagenet_local,resnet20_cifar]
 
 Prints tables and, last, one JSON line with every number. With --arms: arms
 trained one by one against one vectorized program, for the quickstart MLP on
@@ -12,7 +13,7 @@ import platform
 import jax
 from absl import flags
 
-from experiments import quickstart
+from experiments import imagenet_resnet, quickstart
 from lib.core import cli
 from lib.data import datasets as data
 from lib.diagnostics import benchmark
@@ -36,6 +37,10 @@ _ARM_STEPS = flags.DEFINE_integer('arm_steps', 0, 'Timed steps per arm count (0:
                                   'MLP, 3 for ResNet-20).')
 _MODE = flags.DEFINE_enum('vectorize_mode', 'auto', ['auto', 'vmap', 'unroll'],
                           'How arms are vectorized (train.vectorize_mode).')
+_STREAM = flags.DEFINE_list('stream', ['imagenet_local'],
+                            'Streaming input pipeline benchmarks: imagenet_local (the ImageNet '
+                            'module\'s local variant: variable-size JPEGs, 2 workers), '
+                            'resnet20_cifar (ResNet-20 on --cifar_dir, streamed); empty: skip.')
 _SWEEP_ARMS = flags.DEFINE_integer('sweep_arms', 8, 'With --arms: also time a whole sweep of '
                                    'this many quickstart runs, one by one and as one group '
                                    '(0: skip).')
@@ -105,9 +110,26 @@ def main(argv):
     print(f'\nwhole sweep: {r["arms"]} quickstart runs ({r["epochs"]} epochs each): one by one '
           f'{r["one_by_one_s"]:.1f} s, as one group {r["group_s"]:.1f} s, '
           f'speedup {r["speedup"]:.2f}x', flush=True)
+  streams = []
+  if _STREAM.value:
+    print(f'\n{"stream input":<30} {"workers":>7} {"pipeline ex/s":>13} {"train ex/s":>10} '
+          f'{"waiting":>8}')
+  for name in _STREAM.value:
+    if name == 'imagenet_local':
+      c = imagenet_resnet.get_config('local')
+    elif name == 'resnet20_cifar' and _CIFAR.value:
+      c = real[-1]
+    else:
+      raise ValueError(f'unknown --stream entry {name!r} (resnet20_cifar needs --cifar_dir); '
+                       'valid: imagenet_local, resnet20_cifar')
+    r = benchmark.stream_input(c)
+    streams.append({**r, 'benchmark': name})
+    print(f'{r["model"] + " on " + r["data"]:<30} {r["workers"]:>7} '
+          f'{r["pipeline_examples_per_sec"]:>13,.0f} {r["train_examples_per_sec"]:>10,.0f} '
+          f'{r["wait_fraction"]:>8.1%}', flush=True)
   print(json.dumps({'machine': machine, 'jax': jax.__version__, 'train_step': steps,
                     'epoch_loop': loops, 'checkpoint_pause': pauses, 'arms': arms,
-                    'sweep': sweeps}))
+                    'sweep': sweeps, 'stream': streams}))
 
 
 if __name__ == '__main__':

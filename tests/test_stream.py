@@ -182,3 +182,38 @@ def test_imagenet_module_local_variant_runs_end_to_end(tmp_path):
   assert 'input pipeline: stream' in out.stdout + out.stderr
   with open(os.path.join(workdir, 'status.json')) as f:
     assert json.load(f)['status'] == 'done'
+
+
+def test_vectorized_sweep_group_on_the_stream_path_trains_its_runs_one_by_one(tmp_path):
+  """Arms of one program gather from one resident split: a streamed group says so and
+  trains each run alone, with the metrics of its own run."""
+  from lib.runs.group_train import train_group
+  configs = [quickstart_mlp(1, **{'data.pipeline': 'stream', 'seed': s}) for s in (0, 1)]
+  lines = []
+  dirs = [str(tmp_path / f'arm{s}') for s in (0, 1)]
+  out = train_group(configs, dirs, log=lines.append)
+  assert [o['status'] for o in out] == ['done', 'done']
+  assert any('training the 2 runs one after another' in line for line in lines)
+  train_and_evaluate(configs[1], str(tmp_path / 'alone'), log=quiet)
+  assert rows(dirs[1]) == rows(str(tmp_path / 'alone'))
+
+
+def test_host_transform_follows_the_factors():
+  """Random-resized crop only when augment.resized_crop_scale is on (else the eval
+  resize), a flip only when augment.flip is; evaluation is deterministic."""
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)
+  fixed = lambda: np.random.default_rng(1)
+  evaluate = stream.HostTransform(16, (16, 16, 3))
+  plain = stream.HostTransform(16, (16, 16, 3), train=True)
+  flipping = stream.HostTransform(16, (16, 16, 3), train=True, flip=True)
+  cropping = stream.HostTransform(16, (16, 16, 3), train=True, scale_lo=0.1)
+  reference = records.eval_transform(image, 16)
+  np.testing.assert_array_equal(evaluate(image, None, 'x'), reference)
+  np.testing.assert_array_equal(plain(image, fixed, 'x'), reference)
+  flips = [np.array_equal(flipping(image, lambda: np.random.default_rng(s), 'x'), reference[:, ::-1])
+           for s in range(40)]
+  assert 5 < sum(flips) < 35
+  crops = [cropping(image, lambda: np.random.default_rng(s), 'x') for s in range(5)]
+  assert all(c.shape == (16, 16, 3) for c in crops)
+  assert not any(np.array_equal(c, reference) for c in crops)

@@ -89,9 +89,10 @@ class HostTransform:
                         '--config.data.image_size=<model input size>')
       return image
     from lib.data import records
-    if self.train:
+    if self.train and self.scale_lo > 0:
       return records.train_transform(image, self.size, rng_fn(), self.scale_lo, self.flip)
-    return records.eval_transform(image, self.size)
+    image = records.eval_transform(image, self.size)
+    return records.flip(image, rng_fn()) if self.train and self.flip else image
 
 
 class BatchReader:

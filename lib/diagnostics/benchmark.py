@@ -12,7 +12,11 @@
   arms, and the speedup N * t(one arm) / t(N arms);
 * sweep wall time: N whole runs (train_and_evaluate, one after another) against
   the same N runs as one group (train_group), compile, evaluation and
-  checkpoints included.
+  checkpoints included;
+* the streaming input pipeline (data.pipeline=stream): examples/s of the
+  pipeline alone (read, decode, host transforms, put on the devices; no step),
+  and the share of a real epoch's training time the step loop spends waiting for
+  its next batch.
 """
 import os
 import tempfile
@@ -224,3 +228,48 @@ def sweep_wall_time(config, n: int, devices=None) -> Dict[str, float]:
   return {'model': config.model.name, 'data': config.data.source, 'arms': n,
           'epochs': config.train.epochs, 'one_by_one_s': one_s, 'group_s': group_s,
           'speedup': one_s / group_s}
+
+
+def stream_input(config, epochs: int = 2) -> Dict[str, float]:
+  """The streaming pipeline of `config` (data.pipeline forced to stream):
+
+  pipeline_examples_per_sec  an epoch of batches read and put on the devices with
+                             no train step: what the input side alone delivers;
+  wait_fraction              of the last of `epochs` epochs trained (steps
+                             dispatched as the loop does, evaluation excluded), the
+                             share of wall time spent waiting in `step_inputs` for
+                             the next batch (on several simulated CPU devices each
+                             step blocks, so its time is outside the wait).
+  """
+  config = config.copy_and_resolve_references()
+  config.unlock()
+  config.data.pipeline = 'stream'
+  config = resolve(config)
+  eng = engine.Engine(config, data.load(config.data), sharding.make_mesh(), log=lambda m: None)
+  spe = eng.steps_per_epoch
+  try:
+    eng.step_inputs(0)   # start the workers: their start-up is not throughput
+    t0 = time.perf_counter()
+    for step in range(1, spe):
+      jax.block_until_ready(eng.step_inputs(step))
+    pipeline_s = time.perf_counter() - t0
+    state, sums = eng.init_state(), eng.zero_sums()
+    wait = wall = 0.0
+    for step in range(epochs * spe):
+      t0 = time.perf_counter()
+      inputs = eng.step_inputs(step)
+      t1 = time.perf_counter()
+      state, sums = eng.train_step(state, inputs, sums)
+      if step == 0:
+        jax.block_until_ready(state)   # compile outside the measured epoch
+      if step >= (epochs - 1) * spe:
+        wait += t1 - t0
+        wall += time.perf_counter() - t0
+    jax.block_until_ready(state)
+  finally:
+    eng.close()
+  batch = config.train.batch_size
+  return {'model': config.model.name, 'data': config.data.source,
+          'image_size': config.data.image_size, 'workers': eng.data.workers,
+          'pipeline_examples_per_sec': (spe - 1) * batch / pipeline_s,
+          'train_examples_per_sec': spe * batch / wall, 'wait_fraction': wait / wall}

@@ -25,11 +25,12 @@ import jax
 from lib.core import sharding
 from lib.core.errors import UserError
 from lib.data import datasets as data
-from lib.data import device
+from lib.data import device, stream
 from lib.runs import loop
 from lib.runs import lock as lock_lib
 from lib.runs.metrics import echo
 from lib.runs.runbook import RunBook
+from lib.runs.train import train_and_evaluate
 from lib.training import arms as arms_lib
 from lib.training import vector_engine as ve
 
@@ -83,6 +84,12 @@ def train_group(configs: Sequence, workdirs: Sequence[str], *, logs: Optional[Se
   max_arms = first.train.max_arms if max_arms is None else max_arms
   devices = list(devices if devices is not None else jax.devices())
   dataset = data.load(first.data)
+  pipeline, why = stream.choose(first.data.pipeline, dataset, device.memory_budget(devices))
+  if pipeline == 'stream':   # arms gather from one resident split; streamed runs go alone
+    log(f'input pipeline: stream ({why}): vectorized arms need the resident pipeline; '
+        f'training the {n} runs one after another')
+    return [_train_alone(b, workdir, log_i, h, stop_after_step)
+            for b, workdir, log_i, h in zip(books, workdirs, logs, hparams or [None] * n)]
   total = first.train.epochs * device.steps_per_epoch(first, dataset)
   batch = first.train.batch_size
   sharding.check_batch(batch, sharding.make_arm_mesh(devices, ve.arm_axis_size(
@@ -123,3 +130,9 @@ def train_group(configs: Sequence, workdirs: Sequence[str], *, logs: Optional[Se
       b.release()
   return [ended.get(i, r) for i, r in enumerate(results)]
 
+
+
+def _train_alone(book: RunBook, workdir: str, log: Callable, hparams, stop_after_step):
+  """One arm as its own run (train_and_evaluate), as launch.train would train it."""
+  return train_and_evaluate(book.config, workdir, log=log, hparams=hparams,
+                            stop_after_step=stop_after_step)
