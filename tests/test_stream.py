@@ -217,3 +217,14 @@ def test_host_transform_follows_the_factors():
   crops = [cropping(image, lambda: np.random.default_rng(s), 'x') for s in range(5)]
   assert all(c.shape == (16, 16, 3) for c in crops)
   assert not any(np.array_equal(c, reference) for c in crops)
+
+
+def test_stream_checkpoint_evaluates_to_its_logged_accuracy(jpeg_reference):
+  """launch.eval's evaluate_checkpoint streams the records too: the best checkpoint
+  reproduces the logged best val accuracy, and the test split evaluates."""
+  from lib.runs import evaluate
+  workdir, status, _ = jpeg_reference
+  val = evaluate.evaluate_checkpoint(workdir, 'best', 'val')
+  assert val['accuracy'] == pytest.approx(status['best_val_accuracy'], abs=1e-6)
+  test = evaluate.evaluate_checkpoint(workdir, 'best', 'test')
+  assert test['num_examples'] == 160 and test['accuracy'] > 0.2
