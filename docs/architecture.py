@@ -18,7 +18,8 @@ FLOORS = [['core'], ['data', 'model'], ['training'], ['runs'], ['sweeps', 'diagn
 FLOW = [
     ('experiment module', 'experiments/*.py: get_config(arg), get_sweep(arg)'),
     ('resolved config', 'training/resolve.py: every key checked; core/factors.py: the factors'),
-    ('data', 'data/datasets.py: train / val / test arrays, normalization statistics'),
+    ('data', 'data/datasets.py: arrays or record sources, statistics;\n'
+             'data/device.py: resident or streamed (stream.py, grain) batches'),
     ('compiled step', 'training/engine.py (one run), vector_engine.py (arms):\n'
                       'augment -> model -> loss + penalties -> optimizer'),
     ('the loop', 'runs/loop.py: steps, evaluation cadence, early stopping, divergence'),
