@@ -228,3 +228,11 @@ def test_stream_checkpoint_evaluates_to_its_logged_accuracy(jpeg_reference):
   assert val['accuracy'] == pytest.approx(status['best_val_accuracy'], abs=1e-6)
   test = evaluate.evaluate_checkpoint(workdir, 'best', 'test')
   assert test['num_examples'] == 160 and test['accuracy'] > 0.2
+
+
+def test_diagnose_on_streamed_data_says_it_needs_images_in_memory(tmp_path):
+  from lib.diagnostics import recipe
+  c = jpeg_mlp()
+  with pytest.raises(UserError, match='launch.diagnose needs the images in memory'):
+    recipe.run(['initial_loss'], str(tmp_path / 'd'), c)
+  assert not os.path.exists(str(tmp_path / 'd'))

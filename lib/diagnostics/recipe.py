@@ -44,6 +44,10 @@ def run(checks: List[str], workdir: str, config=None, curves_from: Optional[str]
   config = resolve_lib.resolve(config) if config is not None else None
   needs_data = any(c in NEEDS_CONFIG for c in checks)
   dataset = data.load(config.data) if needs_data else None   # may fail: nothing written yet
+  if dataset is not None and not dataset.in_memory:
+    raise UserError(f'launch.diagnose needs the images in memory; data.source='
+                    f'{config.data.source} with data.image_size={config.data.image_size} is '
+                    'streamed: diagnose on a fixed-size source (or a sample saved as npz)')
   if 'overfit_small' in checks:
     need = o.get('overfit_batches', 5) * config.train.batch_size
     if len(dataset.train[1]) < need:
