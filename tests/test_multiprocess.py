@@ -21,6 +21,8 @@ from lib.core import distributed
 from lib.core.errors import UserError
 from lib.runs import train
 from lib.runs.rundir import RunDir
+from lib.sweeps import runner
+from lib.sweeps import sweep as sweep_lib
 from conftest import ROOT, quickstart_mlp
 
 pytestmark = pytest.mark.multiprocess
@@ -185,3 +187,31 @@ def test_bad_input_is_one_line_from_every_process(tmp_path):
   assert [l for l in out.stderr.splitlines() if l.strip()] == [
       'error: regularize.dropout=1.0 must be in [0, 1) (0 = off)']
   assert not os.path.exists(tmp_path / 'w')
+
+
+# ---------------------------------------------------------------- a vectorized sweep
+
+
+SWEEP = {'model.width': 64, 'model.norm': 'batch', 'train.epochs': 2}
+
+
+def test_a_vectorized_sweep_spans_two_processes(tmp_path):
+  module = 'experiments/quickstart_sweep.py'
+  spec = sweep_lib.parse(sweep_lib.load_spec(module, None), 1)
+  from experiments import quickstart_sweep
+  base = quickstart_sweep.get_config()
+  base.update_from_flattened_dict(SWEEP)
+  one = str(tmp_path / 'one')
+  runner.execute(runner.plan(base, spec.runs(), one), one, 'local', log=quiet, vectorize=True)
+  two = str(tmp_path / 'two')
+  out = launch('sweep', f'--config={module}', f'--workdir={two}', '--seeds=1', '--processes=2',
+               '--local_devices=2', *[f'--config.{k}={v}' for k, v in SWEEP.items()])
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'vectorized: 3 runs in 1 program group(s)' in out.stdout
+  assert 'training 3 arms of mlp' in out.stdout, out.stdout
+  for arm in spec.arms:
+    a, b = os.path.join(one, arm, 'seed_0'), os.path.join(two, arm, 'seed_0')
+    assert_same_metrics(a, b)
+    sa, sb = RunDir(a).read_status(), RunDir(b).read_status()
+    assert sb['status'] == 'done' and sb['best_step'] == sa['best_step']
+    assert sb['test']['accuracy'] == pytest.approx(sa['test']['accuracy'], abs=1e-6)
