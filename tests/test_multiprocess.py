@@ -204,8 +204,11 @@ def test_a_vectorized_sweep_spans_two_processes(tmp_path):
   one = str(tmp_path / 'one')
   runner.execute(runner.plan(base, spec.runs(), one), one, 'local', log=quiet, vectorize=True)
   two = str(tmp_path / 'two')
+  # Process 1 lags: it looks at the first run's lock only once process 0 could have taken it.
+  first_lock = os.path.join(two, 'no_dropout', 'seed_0', 'lock.json')
   out = launch('sweep', f'--config={module}', f'--workdir={two}', '--seeds=1', '--processes=2',
-               '--local_devices=2', *[f'--config.{k}={v}' for k, v in SWEEP.items()])
+               '--local_devices=2', *[f'--config.{k}={v}' for k, v in SWEEP.items()],
+               env={'MP_TEST_DELAY': f'lock.json|1|{first_lock}|3'})
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'vectorized: 3 runs in 1 program group(s)' in out.stdout
   assert 'training 3 arms of mlp' in out.stdout, out.stdout

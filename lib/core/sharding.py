@@ -53,6 +53,19 @@ def initialize_distributed(mode: str = 'auto', coordinator: Optional[str] = None
     distributed.watch_launcher()
 
 
+def agree(values):
+  """Process 0's `values` (a list of numbers or booleans) on every process of a job
+  joined by initialize_distributed; as they are otherwise, without starting the
+  accelerator backend (a sweep that only spawns workers leaves the GPUs alone). For
+  decisions read from the filesystem or the clock, which processes may see at
+  different moments: every process must make process 0's, or they run different
+  programs."""
+  if not _INITIALIZED or jax.process_count() == 1:
+    return values
+  from jax.experimental import multihost_utils
+  return multihost_utils.broadcast_one_to_all(np.asarray(values)).tolist()
+
+
 def is_primary() -> bool:
   """Process 0 of a multi-process job (or the only process). Does not start the
   accelerator backend unless jax.distributed was initialized."""
