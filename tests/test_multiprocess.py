@@ -203,12 +203,13 @@ def test_a_vectorized_sweep_spans_two_processes(tmp_path):
   base.update_from_flattened_dict(SWEEP)
   one = str(tmp_path / 'one')
   runner.execute(runner.plan(base, spec.runs(), one), one, 'local', log=quiet, vectorize=True)
-  two = str(tmp_path / 'two')
+  two, audit = str(tmp_path / 'two'), str(tmp_path / 'audit')
+  os.makedirs(audit)
   # Process 1 lags: it looks at the first run's lock only once process 0 could have taken it.
   first_lock = os.path.join(two, 'no_dropout', 'seed_0', 'lock.json')
   out = launch('sweep', f'--config={module}', f'--workdir={two}', '--seeds=1', '--processes=2',
                '--local_devices=2', *[f'--config.{k}={v}' for k, v in SWEEP.items()],
-               env={'MP_TEST_DELAY': f'lock.json|1|{first_lock}|3'})
+               env={'MP_TEST_DELAY': f'lock.json|1|{first_lock}|3', 'MP_TEST_AUDIT': audit})
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'vectorized: 3 runs in 1 program group(s)' in out.stdout
   assert 'training 3 arms of mlp' in out.stdout, out.stdout
@@ -218,3 +219,5 @@ def test_a_vectorized_sweep_spans_two_processes(tmp_path):
     sa, sb = RunDir(a).read_status(), RunDir(b).read_status()
     assert sb['status'] == 'done' and sb['best_step'] == sa['best_step']
     assert sb['test']['accuracy'] == pytest.approx(sa['test']['accuracy'], abs=1e-6)
+  # Process 1 wrote nothing but its share of the checkpoints (no run folders, no log.txt).
+  assert not [w for w in writes(audit, 1) if f'{os.sep}checkpoints{os.sep}' not in w]
