@@ -180,6 +180,43 @@ def test_kill_of_one_process_ends_the_launch_in_one_line_and_it_resumes(referenc
   assert_same_metrics(reference, workdir)
 
 
+# A process of a job started by another launcher (SLURM, MPI): joins, says so, then syncs.
+JOINED = """
+from lib.core import sharding
+sharding.initialize_distributed()
+from jax.experimental import multihost_utils
+multihost_utils.sync_global_devices('joined')
+print('joined', flush=True)
+i = 0
+while True:
+  i += 1
+  multihost_utils.sync_global_devices(f'beat {i}')
+"""
+
+
+def test_without_our_launcher_jax_heartbeat_ends_the_others_in_its_timeout():
+  port, heartbeat = distributed.free_port(), 5
+  children = []
+  for i in range(2):
+    env = {**os.environ, 'XLA_FLAGS': '', 'JAX_NUM_CPU_DEVICES': '1',
+           distributed.ENV_COORDINATOR: f'127.0.0.1:{port}',
+           distributed.ENV_NUM_PROCESSES: '2', distributed.ENV_PROCESS_ID: str(i),
+           distributed.ENV_HEARTBEAT: str(heartbeat)}
+    children.append(subprocess.Popen([sys.executable, '-c', JOINED], cwd=ROOT, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True))
+  try:
+    assert any('joined' in line for line in children[0].stdout)   # gloo prints there too
+    children[1].kill()
+    killed = time.time()
+    code = children[0].wait(timeout=heartbeat + 15)   # JAX's default would take 100 s
+    assert code != 0 and time.time() - killed < heartbeat + 15
+  finally:
+    for c in children:
+      c.kill()
+      c.wait()
+
+
 def test_bad_input_is_one_line_from_every_process(tmp_path):
   out = launch('train', *run_flags(**{'regularize.dropout': 1.0}),
                f'--workdir={tmp_path / "w"}', '--processes=2', '--local_devices=2')
