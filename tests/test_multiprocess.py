@@ -8,6 +8,7 @@ processes, and a kill -9 of one process ends the launch in one line and resumes.
 tests/multiprocess_hooks/sitecustomize.py (on the children's PYTHONPATH) lists what each
 process writes and can hold process 1 back at a chosen point (a lagging process).
 """
+import io
 import json
 import os
 import signal
@@ -101,6 +102,16 @@ def test_the_launcher_splits_the_devices_and_drops_the_parents_device_count():
     distributed.plan(2, 3, env=gpus)
   with pytest.raises(UserError, match='--local_devices=-1'):
     distributed.plan(2, -1, env=env)
+
+
+def test_gloo_notices_are_dropped_even_inside_our_lines():
+  notice = '[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1'
+  stream = io.StringIO(f'{notice}\nstep 1\n{notice}vectorized\n\n  group 1\n\n'
+                       f'[Gloo] Rank [1/3] run\n{notice[len("[Gloo] Rank "):]}\n')
+  watch = distributed._Watch([], None, None)
+  watch._read(0, stream, 'out')
+  lines = [watch.lines.get_nowait()[2] for _ in range(watch.lines.qsize())]
+  assert lines == ['step 1\n', 'vectorized\n', '  group 1\n', '\n', '[1/3] run\n']
 
 
 def test_two_processes_train_what_one_process_trains(reference, two_process_run):

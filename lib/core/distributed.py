@@ -188,10 +188,12 @@ class _Watch:
         self.readers.append(t)
 
   def _read(self, i, stream, name):
+    noisy = False   # the notice's own newline may come after a line of ours: dropped
     for line in stream:
       clean = _NOISE.sub('', line)
-      if clean.strip() or not line.strip():
+      if clean.strip() or not (line.strip() or noisy):
         self.lines.put((i, name, clean))
+      noisy = clean != line
 
   def _write(self, name, line):
     target = self.out if name == 'out' else self.err
