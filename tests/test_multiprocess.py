@@ -114,6 +114,52 @@ def test_gloo_notices_are_dropped_even_inside_our_lines():
   assert lines == ['step 1\n', 'vectorized\n', '  group 1\n', '\n', '[1/3] run\n']
 
 
+class FakeChild:
+  """A child process of the launcher as _Watch sees it: its output, and the return codes
+  its polls find (None: running), in turn."""
+
+  def __init__(self, out='', err='', polls=(None,) * 1000):
+    self.stdout, self.stderr = io.StringIO(out), io.StringIO(err)
+    self.polls, self.returncode = list(polls), None
+
+  def poll(self):
+    if self.returncode is None and self.polls:
+      self.returncode = self.polls.pop(0)
+    return self.returncode
+
+  def kill(self):
+    self.returncode = -signal.SIGKILL if self.returncode is None else self.returncode
+
+  def wait(self):
+    return self.returncode
+
+
+def watch(*children):
+  out, err = io.StringIO(), io.StringIO()
+  return distributed._Watch(list(children), out, err).run(), out.getvalue(), err.getvalue()
+
+
+def test_a_death_is_one_line_though_process_0_fails_first_of_it():
+  # Process 0's collective fails at once and it prints a traceback, which the launcher
+  # reads before it sees process 1 dead (its second poll).
+  p0 = FakeChild('step 40\n', 'Traceback (most recent call last):\nGloo all-reduce failed\n')
+  code, out, err = watch(p0, FakeChild('step 40\n', '', polls=(None, -9)))
+  assert code == 128 + 9 and out == 'step 40\n'
+  assert err == ('error: process 1 died (signal 9, SIGKILL); stopped the other processes; '
+                 'rerun the same command to resume\n')
+
+
+def test_a_failure_of_every_process_is_process_0s_line_and_another_alone_shows_its_own(
+    monkeypatch):
+  monkeypatch.setattr(distributed, 'GRACE_S', 0.3)
+  bad = 'error: regularize.dropout=1.0 must be in [0, 1) (0 = off)\n'
+  assert watch(FakeChild('', bad, polls=(None, 1)), FakeChild('', bad, polls=(1,))) == (1, '', bad)
+  code, _, err = watch(FakeChild('step 1\n'), FakeChild('', 'Traceback\nKeyError: 3\n',
+                                                         polls=(None, 1)))
+  assert code == 1 and err == ('[p1] Traceback\n[p1] KeyError: 3\nerror: process 1 failed (exit '
+                               'status 1); stopped the other processes\n')
+
+
 def test_two_processes_train_what_one_process_trains(reference, two_process_run):
   workdir, audit, out = two_process_run
   assert out.returncode == 0, out.stderr[-3000:]

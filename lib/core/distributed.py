@@ -45,6 +45,7 @@ ENV_HEARTBEAT = 'ABLATE_HEARTBEAT_TIMEOUT_S'
 HEARTBEAT_TIMEOUT_S = 60   # JAX's default is 100
 GRACE_S = 3.0              # a child that failed with an exit status: the others may end alike
 TAIL_LINES = 40            # of a process other than 0, shown if it fails
+HOLD_S = 0.5               # process 0's stderr is shown this late (see _Watch)
 # gloo's notice of its connected peers, written by C++ to the same stdout as Python's
 # lines, so that it may land in the middle of one of them.
 _NOISE = re.compile(r'\[Gloo\] Rank |\d+ is connected to \d+ peer ranks\. Expected number of '
@@ -172,14 +173,20 @@ def spawn(module: str, argv: List[str], processes: int, local_devices: int = 0,
 
 class _Watch:
   """Streams the children's output and ends them all when one fails: process 0's
-  lines as they come (less gloo's connection notices), the others' last lines
-  kept, shown only if that process is the one that failed."""
+  lines (less gloo's connection notices), its stderr HOLD_S late, the others' last
+  lines kept, shown only if that process is the one that failed.
+
+  Why stderr waits: when a process dies, process 0's next collective fails at once
+  and its traceback (a consequence, not the cause) can be under way before the
+  death is seen here; held back, it is dropped with the rest, and the one line
+  that names the dead process is what the user reads."""
 
   def __init__(self, children, out, err):
     self.children, self.out, self.err = children, out, err
     self.lines: 'queue.Queue' = queue.Queue()
     self.tails = [collections.deque(maxlen=TAIL_LINES) for _ in children]
-    self.held = []   # process 0's lines after the first failure, shown only if it failed itself
+    self.late: List[Tuple[float, str]] = []   # process 0's stderr: (when due, line)
+    self.held: List[Tuple[str, str]] = []     # process 0's lines after a failure
     self.readers = []
     for i, c in enumerate(children):
       for stream, name in ((c.stdout, 'out'), (c.stderr, 'err')):
@@ -194,6 +201,7 @@ class _Watch:
       if clean.strip() or not (line.strip() or noisy):
         self.lines.put((i, name, clean))
       noisy = clean != line
+    self.lines.put((i, name, None))   # wakes the watch: this child may have ended
 
   def _write(self, name, line):
     target = self.out if name == 'out' else self.err
@@ -201,19 +209,27 @@ class _Watch:
     target.flush()
 
   def _drain(self, live: bool, wait: float = 0.0) -> None:
-    """Passes the queued lines on, waiting up to `wait` seconds for the first."""
+    """Passes the queued lines on, waiting up to `wait` seconds for the first; when
+    `live`, process 0's stdout is shown and its stderr once HOLD_S old."""
     while True:
       try:
         i, name, line = self.lines.get(timeout=wait) if wait else self.lines.get_nowait()
       except queue.Empty:
-        return
+        break
       wait = 0.0
+      if line is None:
+        continue
       if i:
         self.tails[i].append(line)
-      elif live:
+      elif live and name == 'out':
         self._write(name, line)
+      elif live:
+        self.late.append((time.time() + HOLD_S, line))
       else:
         self.held.append((name, line))
+    now = time.time()
+    while live and self.late and self.late[0][0] <= now:
+      self._write('err', self.late.pop(0)[1])
 
   def run(self) -> int:
     try:
@@ -226,6 +242,7 @@ class _Watch:
     if failed is None:
       return 0
     i, code = failed
+    self.held, self.late = [('err', line) for _, line in self.late], []
     if code > 0:   # an error that every process may meet alike (bad input): let them end
       deadline = time.time() + GRACE_S
       while time.time() < deadline and any(c.poll() is None for c in self.children):
@@ -260,6 +277,8 @@ class _Watch:
         for t in self.readers:
           t.join(timeout=5)
         self._drain(live=True)
+        for _, line in self.late:
+          self._write('err', line)
         return None
 
   def _kill(self, which) -> None:
@@ -271,6 +290,7 @@ class _Watch:
         self.children[j].kill()
     for j in which:
       self.children[j].wait()
+
 
 def define_flags():
   """--processes and --local_devices, for a launcher (launch/train.py and others)."""
