@@ -111,7 +111,7 @@ def test_gloo_notices_are_dropped_even_inside_our_lines():
   watch = distributed._Watch([], None, None)
   watch._read(0, stream, 'out')
   lines = [watch.lines.get_nowait()[2] for _ in range(watch.lines.qsize())]
-  assert lines == ['step 1\n', 'vectorized\n', '  group 1\n', '\n', '[1/3] run\n']
+  assert lines == ['step 1\n', 'vectorized\n', '  group 1\n', '\n', '[1/3] run\n', None]
 
 
 class FakeChild:
