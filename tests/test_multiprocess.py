@@ -104,6 +104,19 @@ def test_the_launcher_splits_the_devices_and_drops_the_parents_device_count():
     distributed.plan(2, -1, env=env)
 
 
+def test_bad_process_flags_are_one_line(tmp_path):
+  for processes, devices, mode, message in ((0, 0, 'auto', '--processes=0: use 1 or more'),
+                                            (1, 2, 'auto', '--local_devices sets'),
+                                            (2, 0, 'off', 'drop --distributed=off')):
+    with pytest.raises(UserError, match=message):
+      distributed.run_as_processes('launch.train', processes, devices, mode)
+  out = launch('sweep', '--config=experiments/quickstart_sweep.py', f'--workdir={tmp_path}',
+               '--processes=2', '--parallel=2')
+  assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+      'error: --processes=N trains each run (or vectorized group) with N processes together: '
+      'use it with --executor=local and --parallel=1']
+
+
 def test_gloo_notices_are_dropped_even_inside_our_lines():
   notice = '[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1'
   stream = io.StringIO(f'{notice}\nstep 1\n{notice}vectorized\n\n  group 1\n\n'

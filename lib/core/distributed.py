@@ -313,6 +313,9 @@ def run_as_processes(module: str, processes: int, local_devices: int,
   if processes < 1:
     raise UserError(f'--processes={processes}: use 1 or more')
   if processes == 1:
+    if local_devices:
+      raise UserError('--local_devices sets the devices of each of --processes=N (N > 1); '
+                      'one process uses the devices it sees')
     return None
   if distributed_mode == 'off':
     raise UserError('--processes needs jax.distributed: drop --distributed=off')
