@@ -118,7 +118,8 @@ def test_bad_process_flags_are_one_line(tmp_path):
 
 
 def test_gloo_notices_are_dropped_even_inside_our_lines():
-  notice = '[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1'
+  notice = ('[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer '
+            'ranks is : 1')
   stream = io.StringIO(f'{notice}\nstep 1\n{notice}vectorized\n\n  group 1\n\n'
                        f'[Gloo] Rank [1/3] run\n{notice[len("[Gloo] Rank "):]}\n')
   watch = distributed._Watch([], None, None)

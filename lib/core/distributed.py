@@ -10,18 +10,20 @@ The parent (`spawn`) picks a free port on 127.0.0.1, starts N children running t
 same command line with ENV_* below set (process ids 0..N-1) and each its share of
 the devices: on CPU `JAX_NUM_CPU_DEVICES` (any `--xla_force_host_platform_device_count`
 of the parent's XLA_FLAGS is removed, so that it does not count instead), on GPUs
-its own CUDA_VISIBLE_DEVICES. It prints process 0's output as it comes; the others'
-is kept (their last lines) and shown only if that process fails. The child joins in
-lib/core/sharding.py:initialize_distributed (gloo collectives on CPU).
+its own CUDA_VISIBLE_DEVICES. It prints process 0's output as it comes (its stderr
+HOLD_S late, see `_Watch`); the others' is kept (their last lines) and shown only if
+that process fails. The child joins in lib/core/sharding.py:initialize_distributed
+(gloo collectives on CPU).
 
 Faults. When a child dies or fails, the parent stops the others (SIGKILL) at once
 (after GRACE_S for a failure with an exit status, which every process may meet
 alike) and exits with the first failing child's status (128 + N for signal N),
 saying in one line which process ended and how; the run resumes when the same
-command is rerun. A child whose launcher died exits within a second (`watch_launcher`). Processes
-started by another launcher (SLURM, MPI) have no such parent: there JAX's own
-heartbeat ends them, `heartbeat_timeout_s()` seconds (ABLATE_HEARTBEAT_TIMEOUT_S,
-default HEARTBEAT_TIMEOUT_S) after a process stopped beating.
+command is rerun. A child whose launcher died exits within a second
+(`watch_launcher`). Processes started by another launcher (SLURM, MPI) have no such
+parent: there JAX's own heartbeat ends them, `heartbeat_timeout_s()` seconds
+(ABLATE_HEARTBEAT_TIMEOUT_S, default HEARTBEAT_TIMEOUT_S) after a process stopped
+beating.
 """
 import collections
 import os
