@@ -4,10 +4,11 @@
 Prints one JSON line last: {"accuracy", "loss", "num_examples", "step"}.
 """
 import json
+import sys
 
 from absl import flags
 
-from lib.core import cli, sharding
+from lib.core import cli, distributed, sharding
 from lib.runs import evaluate
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory written by launch.train.')
@@ -21,11 +22,16 @@ _SOURCE = flags.DEFINE_string('data_source', None, 'Evaluate on another data sou
 _PATH = flags.DEFINE_string('data_path', None, 'Path for --data_source.')
 _DISTRIBUTED = flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'],
                                  'jax.distributed.initialize(), as for launch.train.')
+_PROCESSES, _LOCAL_DEVICES = distributed.define_flags()
 flags.mark_flag_as_required('workdir')
 
 
 def main(argv):
   del argv
+  status = distributed.run_as_processes('launch.eval', _PROCESSES.value, _LOCAL_DEVICES.value,
+                                        _DISTRIBUTED.value)
+  if status is not None:   # this was the launcher of N processes
+    sys.exit(status)
   sharding.initialize_distributed(_DISTRIBUTED.value)
   result = evaluate.evaluate_checkpoint(_WORKDIR.value, _CHECKPOINT.value, _SPLIT.value,
                                         _TTA.value, _SOURCE.value, _PATH.value)

@@ -15,7 +15,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from lib.core import cli, sharding
+from lib.core import cli, distributed, sharding
 from lib.core.errors import UserError
 from lib.sweeps import runner
 from lib.sweeps import sweep as sweep_lib
@@ -52,6 +52,7 @@ _VECTORIZE = flags.DEFINE_bool('vectorize', None, 'Train runs that share a progr
                                 'as fit in memory); how: train.vectorize_mode.')
 _KILL = flags.DEFINE_string('debug_kill_at', None, 'RUN_INDEX:STEP: stop the sweep after that '
                             'pending run\'s first checkpoint at or past STEP (tests resume).')
+_PROCESSES, _LOCAL_DEVICES = distributed.define_flags()
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -76,6 +77,13 @@ def main(argv):
     if vectorize:
       runner.plan_groups(tasks, log=print)
     return
+  if _PROCESSES.value > 1 and (_EXECUTOR.value != 'local' or _PARALLEL.value > 1):
+    raise UserError('--processes=N trains each run (or vectorized group) with N processes '
+                    'together: use it with --executor=local and --parallel=1')
+  status = distributed.run_as_processes('launch.sweep', _PROCESSES.value, _LOCAL_DEVICES.value,
+                                        _DISTRIBUTED.value)
+  if status is not None:   # this was the launcher of N processes
+    sys.exit(status)
   submitit_args = None
   if _EXECUTOR.value == 'local':
     sharding.initialize_distributed(_DISTRIBUTED.value)

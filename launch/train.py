@@ -8,7 +8,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from lib.core import cli, sharding
+from lib.core import cli, distributed, sharding
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:arg].',
                                           lock_config=True)
@@ -20,11 +20,16 @@ _DISTRIBUTED = flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'],
                                  'as several SLURM/MPI tasks or a coordinator is set.')
 _STOP = flags.DEFINE_integer('debug_stop_after_step', None, 'Stop (as if killed) after the '
                              'first checkpoint at or past this step; for testing resume.')
+_PROCESSES, _LOCAL_DEVICES = distributed.define_flags()
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
   del argv
+  status = distributed.run_as_processes('launch.train', _PROCESSES.value, _LOCAL_DEVICES.value,
+                                        _DISTRIBUTED.value)
+  if status is not None:   # this was the launcher of N processes
+    sys.exit(status)
   sharding.initialize_distributed(_DISTRIBUTED.value)
   from lib.runs import train  # after distributed init
   try:

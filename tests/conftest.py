@@ -22,6 +22,11 @@ import pytest  # noqa: E402
 SHARED_CIFAR = os.path.join(ROOT, '..', 'shared', 'data', 'cifar-10-batches-py')
 
 
+def pytest_configure(config):
+  config.addinivalue_line('markers', 'multiprocess: starts launches of 2 JAX processes on this '
+                          'machine (tests/test_multiprocess.py); -m "not multiprocess" skips them')
+
+
 @pytest.fixture(scope='session')
 def devices():
   d = jax.devices()

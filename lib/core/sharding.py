@@ -19,19 +19,51 @@ ARMS = 'arms'   # the arm axis of a vectorized sweep (lib/training/vector_engine
 _INITIALIZED = False
 
 
-def initialize_distributed(mode: str = 'auto') -> None:
-  """Calls jax.distributed.initialize() under a multi-process launcher.
+def initialize_distributed(mode: str = 'auto', coordinator: Optional[str] = None,
+                           num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None) -> None:
+  """Joins this process to a multi-process job through jax.distributed.initialize().
 
-  'auto' does so when SLURM / Open MPI report several tasks or a coordinator
-  address is set (JAX then reads the cluster from the environment).
+  Explicit `coordinator` (host:port), `num_processes` and `process_id` (or those a
+  `--processes=N` launcher gave its children, lib/core/distributed.py) are passed
+  on; 'auto' also joins when SLURM / Open MPI report several tasks or a coordinator
+  address is set (JAX then reads the cluster from the environment). 'off' never
+  joins. Gloo carries the collectives of CPU devices across processes (the setting
+  only concerns the CPU backend, so it is harmless on GPUs). A finite heartbeat
+  timeout (lib/core/distributed.py:heartbeat_timeout_s) ends the others when one
+  process dies, where no launcher of ours watches them.
   """
   global _INITIALIZED
   if mode == 'off' or _INITIALIZED:
     return
+  from lib.core import distributed
+  if coordinator is None and distributed.spawned():
+    coordinator, num_processes, process_id = distributed.spawned()
   many = any(int(os.environ.get(k, '1')) > 1 for k in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'))
-  if mode == 'on' or many or os.environ.get('JAX_COORDINATOR_ADDRESS'):
-    jax.distributed.initialize()
+  if mode == 'on' or coordinator or many or os.environ.get('JAX_COORDINATOR_ADDRESS'):
+    if jax.config.jax_cpu_collectives_implementation != 'mpi':   # gloo unless MPI was chosen
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    explicit = {}
+    if coordinator:
+      explicit = {'coordinator_address': coordinator, 'num_processes': num_processes,
+                  'process_id': process_id}
+    jax.distributed.initialize(heartbeat_timeout_seconds=distributed.heartbeat_timeout_s(),
+                               **explicit)
     _INITIALIZED = True
+    distributed.watch_launcher()
+
+
+def agree(values):
+  """Process 0's `values` (a list of numbers or booleans) on every process of a job
+  joined by initialize_distributed; as they are otherwise, without starting the
+  accelerator backend (a sweep that only spawns workers leaves the GPUs alone). For
+  decisions read from the filesystem or the clock, which processes may see at
+  different moments: every process must make process 0's, or they run different
+  programs."""
+  if not _INITIALIZED or jax.process_count() == 1:
+    return values
+  from jax.experimental import multihost_utils
+  return multihost_utils.broadcast_one_to_all(np.asarray(values)).tolist()
 
 
 def is_primary() -> bool:

@@ -16,6 +16,7 @@ a bad disk block) costs one evaluation interval, not the run: `restore_latest`
 restores the one before and then moves the bad one to W/archive/ (never deletes
 it). If none restores, nothing is moved: the cause may not be the files.
 """
+import hashlib
 import os
 import shutil
 import sys
@@ -67,6 +68,21 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+_OPENED: Dict[str, int] = {}
+
+
+def _barrier_prefix(directory: str) -> str:
+  """Orbax names the barriers of a multi-process save after the step alone: the arms
+  of a vectorized group save the same step at once, each through its own manager,
+  and without a prefix of their own their barriers would be one (a process passes
+  arm 2's barrier for arm 1's, and process 0 finalizes a checkpoint the others have
+  not finished). The same on every process: the directory, and how many managers of
+  it this process opened before (every process opens the same ones, in order)."""
+  _OPENED[directory] = _OPENED.get(directory, 0) + 1
+  digest = hashlib.sha1(directory.encode()).hexdigest()[:12]
+  return f'ckpt-{digest}-{_OPENED[directory]}'
+
+
 def _best_metric(metrics):
   return metrics[BEST_METRIC]
 
@@ -91,7 +107,9 @@ class Checkpoints:
         preservation_policy=policy, best_fn=_best_metric, best_mode='max',
         create=not self.read_only, read_only=self.read_only,
         cleanup_tmp_directories=not self.read_only,
-        enable_async_checkpointing=self.asynchronous and not self.read_only)
+        enable_async_checkpointing=self.asynchronous and not self.read_only,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix=_barrier_prefix(self.directory)))
     return ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
 
   def save(self, step: int, state, meta: Dict[str, Any], metrics: Dict[str, float]) -> None:

@@ -14,6 +14,7 @@ process, with its test evaluation), executors.py (local, worker processes) and s
 """
 from typing import Any, Dict, List, Optional, Sequence
 
+from lib.core import sharding
 from lib.runs import lock as lock_lib
 from lib.runs.metrics import echo
 from lib.sweeps.executors import (_device_groups, _run_workers, _worker_died,  # noqa: F401
@@ -28,6 +29,14 @@ from lib.sweeps.task import (Killed, _failed, _job_lost, _job_tasks,  # noqa: F4
 EXECUTORS = ('local', 'slurm', 'submitit_local')
 
 
+def _held(task: Dict[str, Any], log) -> bool:
+  """Whether another live process trains this run (or SLURM has it queued): not ours."""
+  holder = lock_lib.live_holder(task['workdir'])
+  if holder:
+    log(f'{task["arm"]}/seed_{task["seed"]} is held by {lock_lib.describe(holder)}: skipped')
+  return bool(holder)
+
+
 def execute(tasks: Sequence[Dict[str, Any]], workdir: str, executor: str, parallel: int = 1,
             submitit_args: Optional[Dict[str, Any]] = None, wait: bool = True, log=echo,
             kill_at=None, vectorize: bool = False) -> List[Dict[str, Any]]:
@@ -38,14 +47,10 @@ def execute(tasks: Sequence[Dict[str, Any]], workdir: str, executor: str, parall
   skipped = len(tasks) - len(todo)
   if skipped:
     log(f'{skipped} of {len(tasks)} runs already finished (or diverged): skipped')
-  free = []
-  for t in todo:   # runs another process is training (or SLURM has queued) are not ours
-    holder = lock_lib.live_holder(t['workdir'])
-    if holder:
-      log(f'{t["arm"]}/seed_{t["seed"]} is held by {lock_lib.describe(holder)}: skipped')
-    else:
-      free.append(t)
-  todo = free
+  free = {id(t) for t in todo if not _held(t, log)}
+  # The processes of one job read the run files at different moments (process 0 may
+  # have locked a run already when another looks): all run what process 0 found to do.
+  todo = [t for t, run in zip(tasks, sharding.agree([id(t) in free for t in tasks])) if run]
   if not todo:
     return []
   if kill_at and executor == 'local' and parallel <= 1:

@@ -22,9 +22,13 @@ class Killed(Exception):
 
 
 def _arm_log(task: Dict[str, Any], primary: bool):
-  """(log function, file) for a run: its log.txt, and the console if task['echo']."""
-  os.makedirs(task['workdir'], exist_ok=True)
-  log_file = open(os.path.join(task['workdir'], 'log.txt'), 'a') if primary else None
+  """(log function, file) for a run: its log.txt, and the console if task['echo'].
+  Only process 0 of a multi-process job touches the run directory (the others would
+  create it, racing process 0's lock and archive)."""
+  log_file = None
+  if primary:
+    os.makedirs(task['workdir'], exist_ok=True)
+    log_file = open(os.path.join(task['workdir'], 'log.txt'), 'a')
 
   def log(message):
     if log_file:
