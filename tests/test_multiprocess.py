@@ -285,6 +285,38 @@ def test_without_our_launcher_jax_heartbeat_ends_the_others_in_its_timeout():
       c.wait()
 
 
+AGREE = """
+import json, os
+from lib.core import sharding
+sharding.initialize_distributed()
+me = int(os.environ['ABLATE_PROCESS_ID'])
+print('agreed', json.dumps(sharding.agree([6 * 2**30 + me, 0.1 + me, me == 0])), flush=True)
+print('agreed', json.dumps(sharding.agree(2**40 + me)), flush=True)
+"""
+
+
+def test_agree_hands_every_process_process_0s_values_whole():
+  """64-bit numbers arrive whole (without jax_enable_x64 a broadcast cuts them to 32 bits:
+  a 6 GiB memory budget became -2 GiB), floats and booleans too, and a scalar stays one."""
+  port = distributed.free_port()
+  children = []
+  for i in range(2):
+    env = {**os.environ, 'XLA_FLAGS': '', 'JAX_NUM_CPU_DEVICES': '1',
+           distributed.ENV_COORDINATOR: f'127.0.0.1:{port}',
+           distributed.ENV_NUM_PROCESSES: '2', distributed.ENV_PROCESS_ID: str(i)}
+    children.append(subprocess.Popen([sys.executable, '-c', AGREE], cwd=ROOT, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True))
+  try:
+    outs = [c.communicate(timeout=LAUNCH_TIMEOUT_S)[0] for c in children]
+  finally:
+    for c in children:
+      c.kill()
+  for out in outs:
+    rows = [json.loads(l.split(' ', 1)[1]) for l in out.splitlines() if l.startswith('agreed ')]
+    assert rows == [[6 * 2**30, 0.1, True], 2**40], out
+
+
 def test_bad_input_is_one_line_from_every_process(tmp_path):
   out = launch('train', *run_flags(**{'regularize.dropout': 1.0}),
                f'--workdir={tmp_path / "w"}', '--processes=2', '--local_devices=2')

@@ -63,7 +63,13 @@ def agree(values):
   if not _INITIALIZED or jax.process_count() == 1:
     return values
   from jax.experimental import multihost_utils
-  return multihost_utils.broadcast_one_to_all(np.asarray(values)).tolist()
+  given = np.asarray(values)
+  # Sent as 32-bit words: without jax_enable_x64 a 64-bit number would be cut to 32
+  # bits on its way (a memory budget of 6 GiB arrived as -2 GiB).
+  wide = given.reshape(-1).astype(np.float64 if given.dtype.kind == 'f' else np.int64)
+  words = multihost_utils.broadcast_one_to_all(wide.view(np.int32))
+  out = np.asarray(words, np.int32).view(wide.dtype).reshape(given.shape)
+  return (out.astype(bool) if given.dtype.kind == 'b' else out).tolist()
 
 
 def is_primary() -> bool:

@@ -41,7 +41,7 @@ def plan_programs(configs: Sequence, dataset, devices, mode: str, max_arms: int 
   fit `memory_budget` bytes per device. The engine's step is compiled already."""
   n = len(configs)
   sizes = arms_lib.chunk_sizes(n, max_arms or n)
-  budget = loop.agree(memory_budget if memory_budget is not None
+  budget = sharding.agree(memory_budget if memory_budget is not None
                       else ve.device_memory_budget(devices))
   while True:   # memory grows about linearly with the arms: one or two compiles
     eng = ve.VectorEngine(configs[:sizes[0]], dataset, devices, mode)

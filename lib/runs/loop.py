@@ -27,7 +27,6 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from lib.core import sharding
 from lib.data import device
@@ -51,14 +50,6 @@ def checkpoint_meta(eng) -> Dict[str, Any]:
   """What every checkpoint records beside the state, so evaluation needs only the workdir."""
   return {'mean': eng.mean.tolist(), 'std': eng.std.tolist(),
           'num_classes': eng.dataset.num_classes, 'image_shape': list(eng.dataset.image_shape)}
-
-
-def agree(value):
-  """Process 0's value on every process: choices from clocks or local memory must not
-  differ between the hosts of one program (they would run different collectives)."""
-  if jax.process_count() == 1:
-    return value
-  return multihost_utils.broadcast_one_to_all(np.asarray(value)).tolist()
 
 
 def abandon(books: Sequence[RunBook], e: BaseException) -> None:
@@ -188,7 +179,7 @@ def train_arms(eng, books: Sequence[RunBook], log, *, stop_after_step: Optional[
     stepped = [i for i in stepped if i not in finished]
     train_evals = eng.evaluate(state, device.TRAIN_EVAL) if stepped else []
     stopping = stop_after_step is not None and done >= stop_after_step and done < total
-    due = agree([time.time() - last_resume_point[i] >= every[i] for i in range(n)])
+    due = sharding.agree([time.time() - last_resume_point[i] >= every[i] for i in range(n)])
     resume_points = [i for i in stepped if done == total or stopping or due[i]]
     save = [i for i in stepped if i in resume_points
             or books[i].is_best_checkpoint(vals[i]['accuracy'])
