@@ -44,3 +44,24 @@ def quickstart_mlp(epochs: int, **overrides):
   c.train.log_every = 1000
   c.update_from_flattened_dict(overrides)
   return c
+
+
+def bad_records_dir(tmp_path, bad_at=(7,)):
+  """A `records` dataset of 24 12x12 PNGs in 2 classes, those at `bad_at` replaced by
+  records whose bytes are not an image."""
+  import numpy as np
+  from lib.data import records
+  rng = np.random.default_rng(0)
+  examples = []
+  for i in range(24):
+    if i in bad_at:
+      examples.append((b'\x00not an image', i % 2))
+    else:
+      image = (np.full((12, 12, 3), 40 + 150 * (i % 2), np.uint8)
+               + rng.integers(0, 20, (12, 12, 3), dtype=np.uint8))
+      examples.append((records.encode_image(image, 'PNG'), i % 2))
+  d = tmp_path / 'bad'
+  d.mkdir(exist_ok=True)
+  records.write_records(str(d / 'train.array_record'), examples)
+  records.write_meta(str(d), 2)
+  return str(d)

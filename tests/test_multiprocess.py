@@ -25,7 +25,7 @@ from lib.runs import train
 from lib.runs.rundir import RunDir
 from lib.sweeps import runner
 from lib.sweeps import sweep as sweep_lib
-from conftest import ROOT, quickstart_mlp
+from conftest import ROOT, bad_records_dir, quickstart_mlp
 
 pytestmark = pytest.mark.multiprocess
 
@@ -192,6 +192,60 @@ def test_two_processes_train_what_one_process_trains(reference, two_process_run)
   ckpt = os.path.join(workdir, 'checkpoints') + os.sep
   assert writes(audit, 1) and not [w for w in writes(audit, 1) if ckpt not in w]
   assert any(w.endswith(os.path.join(workdir, 'metrics.jsonl')) for w in writes(audit, 0))
+
+
+# The stream path on records: variable-size JPEGs decoded and cropped to 24 px by 2 grain
+# worker processes in each JAX process, each process reading only its rows of every batch.
+JPEG = {'data.source': 'synthetic_jpeg', 'data.image_size': 24, 'data.workers': 2,
+        'augment.resized_crop_scale': 0.25, 'augment.flip': True, 'train.batch_size': 64,
+        'optim.lr': 0.05, 'train.eval_every': 6, 'train.checkpoint_every_s': 0}
+
+
+def test_two_processes_stream_records_as_one_process_does(tmp_path):
+  workdir = str(tmp_path / 'one')
+  status = train.train_and_evaluate(quickstart_mlp(2, **JPEG), workdir, log=quiet)
+  assert status['status'] == 'done'
+  two = str(tmp_path / 'two')
+  flags = ['--config=experiments/quickstart.py'] + [
+      f'--config.{k}={v}' for k, v in {'model.width': 64, 'train.epochs': 2,
+                                       'train.log_every': 1000, **JPEG}.items()]
+  out = launch('train', *flags, f'--workdir={two}', '--processes=2', '--local_devices=2')
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'input pipeline: stream (data.source=synthetic_jpeg is read as records)' in out.stdout
+  assert [r['step'] for r in RunDir(two).read_metrics()] == [6, 12, 18]
+  assert_same_metrics(workdir, two)
+
+
+BAD_AT = (1, 5, 7, 10, 14, 18, 22)
+
+
+def warned(lines):
+  """The bad records a run's output warned of: their messages, each naming its record."""
+  return {l.split('): ', 1)[1] for l in lines if 'skipped a bad record' in l}
+
+
+def test_bad_records_met_by_any_process_are_warned_of_and_limited_alike(tmp_path):
+  """Each process reads its own rows: the bad records process 1 met reach process 0's log
+  (the same set one process warns of), and a limit fails every process in one line."""
+  path = bad_records_dir(tmp_path, BAD_AT)
+  base = {'data.source': 'records', 'data.path': path, 'data.val_fraction': 0.25,
+          'data.workers': 0, 'train.batch_size': 8, 'train.eval_batch_size': 8}
+  lines = []
+  train.train_and_evaluate(quickstart_mlp(2, **base), str(tmp_path / 'one'), log=lines.append)
+  assert len(warned(lines)) >= 5
+  flags = ['--config=experiments/quickstart.py', '--config.model.width=64',
+           '--config.train.epochs=2'] + [f'--config.{k}={v}' for k, v in base.items()]
+  two = str(tmp_path / 'two')
+  out = launch('train', *flags, f'--workdir={two}', '--processes=2', '--local_devices=2')
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert warned(out.stdout.splitlines()) == warned(lines)
+  out = launch('train', *flags, '--config.data.max_bad_records=2', f'--workdir={tmp_path / "x"}',
+               '--processes=2', '--local_devices=2')
+  assert out.returncode == 1
+  assert [l for l in out.stderr.splitlines() if l.startswith('error')] == [l for l in
+                                                                         out.stderr.splitlines()]
+  assert re.fullmatch(r'error: \d+ bad records, more than data.max_bad_records=2; first: .*'
+                      r'record \d+.*', out.stderr.strip())
 
 
 def test_checkpoints_of_two_processes_evaluate_in_one_and_in_two(two_process_run):

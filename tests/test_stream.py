@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, quickstart_mlp
+from conftest import ROOT, bad_records_dir, quickstart_mlp
 
 from lib.core.errors import UserError
 from lib.data import datasets as data
@@ -125,25 +125,8 @@ def test_host_batches_do_not_depend_on_workers_or_processes():
     np.testing.assert_array_equal(item['images'], whole(step)['images'])
 
 
-def _bad_records_dir(tmp_path, bad_at=(7,)):
-  """20 good 12x12 PNGs and, at `bad_at`, records whose bytes are not an image."""
-  rng = np.random.default_rng(0)
-  examples = []
-  for i in range(24):
-    if i in bad_at:
-      examples.append((b'\x00not an image', i % 2))
-    else:
-      image = np.full((12, 12, 3), 40 + 150 * (i % 2), np.uint8) + rng.integers(0, 20, (12, 12, 3), dtype=np.uint8)
-      examples.append((records.encode_image(image, 'PNG'), i % 2))
-  d = tmp_path / 'bad'
-  d.mkdir()
-  records.write_records(str(d / 'train.array_record'), examples)
-  records.write_meta(str(d), 2)
-  return str(d)
-
-
 def test_bad_record_is_skipped_with_a_warning_and_a_limit_fails_the_run(tmp_path):
-  path = _bad_records_dir(tmp_path)
+  path = bad_records_dir(tmp_path)
   base = {'data.source': 'records', 'data.path': path, 'data.val_fraction': 0.25,
           'data.workers': 0, 'train.batch_size': 8}
   lines = []

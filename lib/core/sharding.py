@@ -6,7 +6,7 @@ the train state is replicated. Under jit the BatchNorm batch mean is a global
 reduction, so its statistics are over the whole global batch.
 """
 import os
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import jax
 import numpy as np
@@ -70,6 +70,24 @@ def agree(values):
   words = multihost_utils.broadcast_one_to_all(wide.view(np.int32))
   out = np.asarray(words, np.int32).view(wide.dtype).reshape(given.shape)
   return (out.astype(bool) if given.dtype.kind == 'b' else out).tolist()
+
+
+def gather_text(text: str, limit: int = 16384) -> List[str]:
+  """Every process's `text` (UTF-8, cut to `limit` bytes), in process order, on every
+  process of a job joined by initialize_distributed; [text] in a single process."""
+  if not _INITIALIZED or jax.process_count() == 1:
+    return [text]
+  from jax.experimental import multihost_utils
+  data = text.encode()[:limit]
+  buf = np.zeros(limit + 4, np.uint8)   # the length, then the bytes
+  buf[:4] = np.frombuffer(np.uint32(len(data)).tobytes(), np.uint8)
+  buf[4:4 + len(data)] = np.frombuffer(data, np.uint8)
+  rows = np.asarray(multihost_utils.process_allgather(buf)).reshape(-1, limit + 4)
+  out = []
+  for row in rows:
+    n = int(np.frombuffer(row[:4].tobytes(), np.uint32)[0])
+    out.append(row[4:4 + n].tobytes().decode(errors='replace'))
+  return out
 
 
 def is_primary() -> bool:

@@ -17,6 +17,7 @@ Evaluation scans a split in fixed, padded batches (`DeviceSplits.eval_inputs`).
 Both read the same order (lib/data/order.py), so a run of fixed-size images is
 the same run on either path.
 """
+import json
 import os
 import queue
 import sys
@@ -177,7 +178,10 @@ class StreamSplits:
   `train_batch(step)` is the (images, labels) of training step `step`, sharded
   over the data axis; `eval_batches(split)` the fixed padded evaluation batches
   (images, labels, idx, mask) of a split. Bad records are counted (distinct) and
-  warned about through `log`; more than data.max_bad_records fail the run."""
+  warned about through `log`; more than data.max_bad_records fail the run. With
+  several processes, each reads only its rows: the bad records each met are
+  pooled at the end of every evaluation (a collective every process reaches), so
+  process 0 warns of them all and every process fails at the same point."""
 
   def __init__(self, dataset, mesh, config, steps_per_epoch: int, log=None):
     self.dataset, self.mesh, self.config = dataset, mesh, config
@@ -200,6 +204,10 @@ class StreamSplits:
     self.images_sharding = sharding.sharded_along(mesh, 1 + len(self.shape))
     self.labels_sharding = sharding.sharded_along(mesh, 1)
     self.bad = {}   # message (naming the record) -> the split that read it
+    # Several processes: what this one met since the last pooling (noted there).
+    self._pooled = jax.process_count() > 1
+    self._unpooled = []
+    self._lock = threading.Lock()   # the feed threads add, the main thread pools
     self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     self._feed, self._next_step = None, None
     self._sources = {}
@@ -216,15 +224,37 @@ class StreamSplits:
 
   def _count_bad(self, split: str, item):
     for _, message in item['bad']:   # the message names the record: counted once
-      if message in self.bad:
-        continue
-      self.bad[message] = split
-      self.log(f'warning: skipped a bad record ({len(self.bad)} so far, limit '
-               f'data.max_bad_records={self.limit}): {message}')
-      if len(self.bad) > self.limit:
-        raise stream.BadRecord(
-            f'{len(self.bad)} bad records, more than data.max_bad_records={self.limit}; '
-            f'first: {next(iter(self.bad))}. Fix or remove them, or raise the limit')
+      if self._pooled:
+        with self._lock:
+          if message not in self.bad and [message, split] not in self._unpooled:
+            self._unpooled.append([message, split])
+      else:
+        self._note_bad(message, split)
+
+  def _note_bad(self, message: str, split: str):
+    if message in self.bad:
+      return
+    self.bad[message] = split
+    self.log(f'warning: skipped a bad record ({len(self.bad)} so far, limit '
+             f'data.max_bad_records={self.limit}): {message}')
+    if len(self.bad) > self.limit:
+      raise stream.BadRecord(
+          f'{len(self.bad)} bad records, more than data.max_bad_records={self.limit}; '
+          f'first: {next(iter(self.bad))}. Fix or remove them, or raise the limit')
+
+  def pool_bad(self, limit_bytes: int = 16384):
+    """Several processes: every process's newly met bad records, noted alike by each
+    (a collective: all processes call it at the same point). What does not fit in
+    `limit_bytes` waits for the next pooling."""
+    if not self._pooled:
+      return
+    with self._lock:
+      send = []
+      while self._unpooled and len(json.dumps(send + self._unpooled[:1])) < limit_bytes:
+        send.append(self._unpooled.pop(0))
+    for text in sharding.gather_text(json.dumps(send), limit_bytes):
+      for message, split in json.loads(text):
+        self._note_bad(message, split)
 
   def _global(self, item, global_batch: int):
     images = jax.make_array_from_process_local_data(
@@ -282,10 +312,11 @@ class StreamSplits:
         try:
           images, labels, mask = feed.get()
         except StopIteration:
-          return
+          break
         yield images, labels, idx, mask
     finally:
       feed.close()
+    self.pool_bad()   # every process has read the whole split: a point they all reach
 
   def first_images(self, split: str, n: int) -> np.ndarray:
     """The first n images of a split, as evaluated (host array)."""
