@@ -302,6 +302,27 @@ def test_a_run_of_one_process_resumes_with_two_survives_a_kill_of_one_and_resume
   assert RunDir(workdir).read_status()['status'] == 'done'
 
 
+def test_a_failure_of_process_0_alone_ends_the_launch_in_one_line_and_resumes(reference,
+                                                                              tmp_path):
+  """A full disk as process 0 writes metrics (process 1 writes none): process 0 ends at
+  once, where a normal exit waited in JAX's distributed shutdown (300 s) for process 1,
+  itself waiting in its next collective for process 0 (the launch hung). Its lock is
+  released; the rerun resumes to the uninterrupted run."""
+  workdir = str(tmp_path / 'run')
+  args = ['train', *run_flags(), f'--workdir={workdir}', '--processes=2', '--local_devices=2']
+  out = launch(*args, env={'ABLATE_FAULT': 'metrics_write@2:enospc'})
+  assert out.returncode == 1
+  assert out.stderr.strip().splitlines() == [
+      f'error: disk full writing {workdir}/metrics.jsonl (No space left on device (injected by '
+      'ABLATE_FAULT)); free space and rerun the same command: it resumes from the last '
+      'checkpoint']
+  assert not os.path.exists(os.path.join(workdir, 'lock.json'))
+  again = launch(*args)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert f'resuming {workdir} from step' in again.stdout
+  assert_same_metrics(reference, workdir)
+
+
 # A process of a job started by another launcher (SLURM, MPI): joins, says so, then syncs.
 JOINED = """
 from lib.core import sharding

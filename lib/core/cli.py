@@ -1,9 +1,44 @@
-"""Shared entry-point plumbing: bad input becomes one line on stderr, exit 1."""
+"""Shared entry-point plumbing: bad input becomes one line on stderr, exit 1.
+
+A process of a multi-process job that fails ends at once (`os._exit`, after the
+callbacks given to `at_abort`): a normal exit would wait in JAX's distributed
+shutdown (up to 300 s) for the other processes, which wait in their next collective
+for this one, so a failure of one process (a full disk on process 0) hung the job."""
+import os
 import sys
+import traceback
+from typing import Callable, List
 
 from absl import app, flags, logging
 
+from lib.core import sharding
 from lib.core.errors import UserError, WRITE_ERRNOS, failure_reason
+
+_ABORT: List[Callable[[], None]] = []
+
+
+def at_abort(fn: Callable[[], None]) -> None:
+  """`fn` runs before a failed process of a multi-process job ends (atexit does not)."""
+  _ABORT.append(fn)
+
+
+def _exit(code: int, line: str = '') -> None:
+  """Ends the process with `code`, `line` on stderr (and a traceback of the exception
+  being handled where `code` is 1 and no line is given: a bug, not bad input)."""
+  if not sharding.joined():
+    sys.exit(line or code)
+  if line:
+    print(line, file=sys.stderr)
+  elif code == 1:
+    traceback.print_exc()
+  for fn in _ABORT:
+    try:
+      fn()
+    except Exception:   # noqa: BLE001 - ending anyway
+      pass
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
 
 
 def _one_line(e: Exception) -> str:
@@ -47,9 +82,19 @@ def run(main) -> None:
     try:
       return main(argv)
     except UserError as e:
-      sys.exit(f'error: {e}')
+      _exit(1, f'error: {e}')
     except OSError as e:   # a full disk, a read-only or forbidden directory: one line
       if e.errno not in WRITE_ERRNOS:
+        if sharding.joined():
+          _exit(1)
         raise
-      sys.exit(f'error: {failure_reason(e)}')
+      _exit(1, f'error: {failure_reason(e)}')
+    except KeyboardInterrupt:
+      if sharding.joined():
+        _exit(130, 'error: interrupted')
+      raise
+    except Exception:   # noqa: BLE001 - a bug: its traceback, then end without waiting
+      if sharding.joined():
+        _exit(1)
+      raise
   app.run(guarded, flags_parser=_parse)

@@ -53,6 +53,11 @@ def initialize_distributed(mode: str = 'auto', coordinator: Optional[str] = None
     distributed.watch_launcher()
 
 
+def joined() -> bool:
+  """Whether this process is one of several joined by initialize_distributed."""
+  return _INITIALIZED and jax.process_count() > 1
+
+
 def agree(values):
   """Process 0's `values` (a list of numbers or booleans) on every process of a job
   joined by initialize_distributed; as they are otherwise, without starting the

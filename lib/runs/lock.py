@@ -30,6 +30,7 @@ import time
 import uuid
 from typing import Any, Callable, Dict, List, Optional
 
+from lib.core import cli
 from lib.core.errors import UserError
 from lib.runs.lock_rules import (LOCK_FILE, _ENDED, _load, _pid_alive,  # noqa: F401
                                  _slurm_job_active, describe, is_live, is_mine, lease_s,
@@ -265,6 +266,7 @@ def requeue_all() -> None:
 
 
 atexit.register(release_all)
+cli.at_abort(release_all)   # a failed process of a multi-process job skips atexit
 
 
 def place_queued(directory: str, job: str) -> bool:
