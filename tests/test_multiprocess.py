@@ -401,6 +401,25 @@ def test_bad_input_is_one_line_from_every_process(tmp_path):
   assert not os.path.exists(tmp_path / 'w')
 
 
+def test_a_failure_of_process_0_alone_ends_a_sweep_which_reruns_to_the_end(tmp_path):
+  """A sweep records a failed run and goes on; with several processes the failure may be
+  process 0's alone (a full disk) and the sweep ends (process 1 waited for it, hung)."""
+  args = ['sweep', '--config=experiments/quickstart_sweep.py', f'--workdir={tmp_path}',
+          '--seeds=1', '--processes=2', '--local_devices=2', '--config.train.epochs=1',
+          '--config.model.width=64']
+  out = launch(*args, env={'ABLATE_FAULT': 'metrics_write@1:enospc'})
+  assert out.returncode == 1
+  errors = [l for l in out.stderr.splitlines() if l.startswith('error')]
+  assert len(errors) == 1 and 'disk full writing' in errors[0], out.stderr[-3000:]
+  failed = [a for a in os.listdir(tmp_path) if os.path.isdir(tmp_path / a / 'seed_0')
+            and RunDir(str(tmp_path / a / 'seed_0')).read_status().get('status') == 'failed']
+  assert failed   # recorded before the end (all 3 when they train as one vectorized group)
+  again = launch(*args)
+  assert again.returncode == 0, again.stderr[-3000:]
+  for arm in sweep_lib.parse(sweep_lib.load_spec('experiments/quickstart_sweep.py', None), 1).arms:
+    assert RunDir(str(tmp_path / arm / 'seed_0')).read_status()['status'] == 'done'
+
+
 # ---------------------------------------------------------------- a vectorized sweep
 
 

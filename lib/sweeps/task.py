@@ -76,7 +76,9 @@ def _job_lost(job, reason: str, pid: Optional[int] = None,
 def run_task(task: Dict[str, Any]) -> Dict[str, Any]:
   """Trains one run of a sweep (resuming it if interrupted), then evaluates its best
   checkpoint on the test split. Never raises for a failed run: the failure is
-  recorded in its status.json and returned, so the sweep goes on."""
+  recorded in its status.json and returned, so the sweep goes on. In a job of
+  several processes it raises after recording it: the failure may be this
+  process's alone (a full disk), and the others would wait for it in a collective."""
   from lib.core import sharding
   sharding.initialize_distributed(task.get('distributed', 'off'))
   import jax
@@ -100,6 +102,8 @@ def run_task(task: Dict[str, Any]) -> Dict[str, Any]:
     status = {'status': 'held', 'reason': str(e)}
   except Exception as e:   # recorded, and the sweep goes on
     status = _failed(task['workdir'], e, log, log_file, primary)
+    if sharding.joined():   # perhaps this process's alone: the others would wait for it
+      raise
   finally:
     if log_file:
       log_file.close()
@@ -138,6 +142,8 @@ def run_group(tasks: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
       ended = RunDir(task['workdir']).read_status()
       statuses.append(ended if ended.get('status') in SKIP
                       else _failed(task['workdir'], e, log, log_file, primary))
+    if sharding.joined():   # as run_task
+      raise
   try:
     for i, (task, status) in enumerate(zip(tasks, statuses)):
       if status.get('status') == 'done' and 'test' not in status:
@@ -145,6 +151,8 @@ def run_group(tasks: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
           statuses[i] = _test(RunDir(task['workdir']), evaluate, status, logs[i][0], primary)
         except Exception as e:   # as run_task: this run failed (a rerun retries its test)
           statuses[i] = _failed(task['workdir'], e, *logs[i], primary)
+          if sharding.joined():
+            raise
   finally:
     for _, log_file in logs:
       if log_file:
