@@ -65,3 +65,18 @@ def bad_records_dir(tmp_path, bad_at=(7,)):
   records.write_records(str(d / 'train.array_record'), examples)
   records.write_meta(str(d), 2)
   return str(d)
+
+
+# The metrics of a run that do not depend on the clock.
+DETERMINISTIC = ('step', 'epoch', 'running_train_loss', 'running_train_accuracy', 'train_eval_loss',
+                 'train_eval_accuracy', 'val_loss', 'val_accuracy', 'lr')
+
+
+def assert_same_metrics(a_dir, b_dir, atol=1e-5):
+  """Two runs logged the same evaluations with the same DETERMINISTIC metrics (within atol)."""
+  from lib.runs.rundir import RunDir
+  a, b = RunDir(a_dir).read_metrics(), RunDir(b_dir).read_metrics()
+  assert a and [r['step'] for r in a] == [r['step'] for r in b]
+  for ra, rb in zip(a, b):
+    for key in DETERMINISTIC:
+      assert ra[key] == pytest.approx(rb[key], abs=atol), (key, ra['step'])

@@ -123,3 +123,20 @@ def test_tfds_data_source_with_mock_data():
   assert ds.image_shape == (32, 32, 3) and ds.num_classes == 10
   assert len(ds.train[1]) == 18 and len(ds.val[1]) == 6 and len(ds.test[1]) == 24
   assert ds.train[0].dtype == np.uint8 and ds.train[1].dtype == np.int32
+
+
+def test_tfds_images_of_several_sizes_are_one_line_or_streamed():
+  """A dataset of variable-size images (tf_flowers) is refused in one line before any
+  decoding when held in memory (np.stack failed after decoding it all), and read record by
+  record, brought to data.image_size, on the stream path."""
+  tfds = pytest.importorskip('tensorflow_datasets')
+  with tfds.testing.mock_data(num_examples=8):
+    with pytest.raises(UserError, match=r"'tf_flowers' has images of several sizes .*"
+                                        r"--config.data.image_size=S"):
+      data.load(data_config(source='tfds', name='tf_flowers', val_fraction=0.25))
+    ds = data.load(data_config(source='tfds', name='tf_flowers', val_fraction=0.25,
+                               image_size=16))
+    assert not ds.in_memory and ds.num_classes == 5 and ds.image_shape == (16, 16, 3)
+    assert ds.num_examples('train') == 6 and ds.num_examples('val') == 2
+    image, label = ds.source_of('train')[3]
+    assert np.asarray(image).dtype == np.uint8 and np.asarray(image).ndim == 3 and 0 <= label < 5

@@ -25,7 +25,7 @@ from lib.runs import train
 from lib.runs.rundir import RunDir
 from lib.sweeps import runner
 from lib.sweeps import sweep as sweep_lib
-from conftest import ROOT, bad_records_dir, quickstart_mlp
+from conftest import ROOT, assert_same_metrics, bad_records_dir, quickstart_mlp
 
 pytestmark = pytest.mark.multiprocess
 
@@ -34,8 +34,6 @@ HOOKS = os.path.join(ROOT, 'tests', 'multiprocess_hooks')
 # 3 epochs of 40 steps, evaluated (and checkpointed) every 20 steps.
 RUN = {'model.norm': 'batch', 'train.eval_every': 20, 'train.checkpoint_every_s': 0}
 EPOCHS = 3
-DETERMINISTIC = ('step', 'epoch', 'running_train_loss', 'running_train_accuracy', 'train_eval_loss',
-                 'train_eval_accuracy', 'val_loss', 'val_accuracy', 'lr')
 LAUNCH_TIMEOUT_S = 180
 KILL_TIMEOUT_S = 10   # the README's bound: the launcher ends within this of a process's death
 quiet = lambda message: None
@@ -52,14 +50,6 @@ def launch(module, *args, env=None, **popen):
   env = {**os.environ, 'PYTHONPATH': HOOKS, **(env or {})}
   return subprocess.run([sys.executable, '-m', f'launch.{module}', *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, **popen)
-
-
-def assert_same_metrics(a_dir, b_dir, atol=1e-5):
-  a, b = RunDir(a_dir).read_metrics(), RunDir(b_dir).read_metrics()
-  assert a and [r['step'] for r in a] == [r['step'] for r in b]
-  for ra, rb in zip(a, b):
-    for key in DETERMINISTIC:
-      assert ra[key] == pytest.approx(rb[key], abs=atol), (key, ra['step'])
 
 
 def writes(audit_dir, process):

@@ -5,6 +5,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import DETERMINISTIC
 from experiments import quickstart
 from lib.core import sharding
 from lib.core.errors import UserError
@@ -16,8 +17,6 @@ from lib.training import engine
 from lib.training.resolve import resolve
 
 quiet = lambda message: None
-DETERMINISTIC = ('step', 'epoch', 'running_train_loss', 'running_train_accuracy', 'train_eval_loss',
-                 'train_eval_accuracy', 'val_loss', 'val_accuracy', 'lr')
 
 
 def small_config(**train):

@@ -20,11 +20,9 @@ from lib.sweeps import sweep as sweep_lib
 from lib.training import arms
 from lib.training import resolve as resolve_lib
 from lib.training import vector_engine as ve
-from conftest import quickstart_mlp
+from conftest import assert_same_metrics, quickstart_mlp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DETERMINISTIC = ('step', 'epoch', 'running_train_loss', 'running_train_accuracy', 'train_eval_loss',
-                 'train_eval_accuracy', 'val_loss', 'val_accuracy', 'lr')
 quiet = lambda message: None
 
 
@@ -42,14 +40,6 @@ def tiny_resnet(**overrides):
 
 def as_dict(c):
   return config_lib.to_json_dict(resolve_lib.resolve(c))
-
-
-def assert_same_metrics(a_dir, b_dir, atol=1e-5):
-  a, b = RunDir(a_dir).read_metrics(), RunDir(b_dir).read_metrics()
-  assert a and [r['step'] for r in a] == [r['step'] for r in b]
-  for ra, rb in zip(a, b):
-    for key in DETERMINISTIC:
-      assert ra[key] == pytest.approx(rb[key], abs=atol), (key, ra['step'])
 
 
 def checkpoint_steps(workdir):

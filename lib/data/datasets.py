@@ -107,16 +107,6 @@ class RecordDataset:
                     'npz, cifar_dir or tfds without data.image_size)')
 
 
-def _check(images, labels, where):
-  if images.ndim != 4 or images.dtype != np.uint8:
-    raise UserError(f'{where}: images must be uint8 of shape (N, H, W, C), '
-                    f'got {images.dtype} {images.shape}')
-  if labels.shape != (images.shape[0],):
-    raise UserError(f'{where}: labels shape {labels.shape} does not match '
-                    f'{images.shape[0]} images')
-  return images, labels.astype(np.int32)
-
-
 def _digits_arrays():
   """(images (1797, 8, 8) in 0..16, labels) of scikit-learn's bundled digits, read from
   the CSV the package ships (importing sklearn.datasets costs a second per process);
@@ -191,10 +181,10 @@ def _npz(data_config):
   with np.load(path) as f:
     if 'images' not in f or 'labels' not in f:
       raise UserError(f'{path} needs arrays "images" and "labels"; has {sorted(f.keys())}')
-    train = _check(f['images'], f['labels'], path)
+    train = records.check_arrays(f['images'], f['labels'], path)
     test = None
     if 'test_images' in f:
-      test = _check(f['test_images'], f['test_labels'], path + ' (test)')
+      test = records.check_arrays(f['test_images'], f['test_labels'], path + ' (test)')
     num_classes = int(f['num_classes']) if 'num_classes' in f else None
   if num_classes is None:
     num_classes = int(max(train[1].max(), -1 if test is None else test[1].max())) + 1
@@ -202,31 +192,28 @@ def _npz(data_config):
 
 
 def _tfds_split(name, split, data_dir):
-  import tensorflow_datasets as tfds
-  try:
-    source = tfds.data_source(name, split=split, data_dir=data_dir or None)
-  except Exception as e:  # tfds raises several types for "not prepared"
-    raise UserError(
-        f'tfds dataset {name!r} split {split!r} could not be opened in '
-        f'data_dir={data_dir or "~/tensorflow_datasets"} ({type(e).__name__}); '
-        f'prepare it once as ArrayRecord (needs TensorFlow, see README): '
-        f'tfds build {name} --file_format=array_record') from None
+  source = records.tfds_data_source(name, split, data_dir)
   info = source.dataset_info
   image_key = next((k for k in ('image', 'img') if k in info.features), None)
   if image_key is None or 'label' not in info.features:
     raise UserError(f'tfds dataset {name!r} has no image/label features: '
                     f'{list(info.features)}')
-  records = []
+  shape = tuple(getattr(info.features[image_key], 'shape', ()) or ())
+  if None in shape:   # found before decoding a whole dataset that cannot be stacked
+    raise UserError(f'tfds dataset {name!r} has images of several sizes {shape}: read it '
+                    'record by record on the stream path with --config.data.image_size=S '
+                    '(e.g. 224)')
+  rows = []
   for start in range(0, len(source), 1024):   # batched reads; decoding dominates
     keys = list(range(start, min(start + 1024, len(source))))
     try:
-      records.extend(source.__getitems__(keys))
+      rows.extend(source.__getitems__(keys))
     except TypeError:   # sources without batched reads (e.g. tfds.testing.mock_data)
-      records.extend(source[k] for k in keys)
-  images = np.stack([np.asarray(r[image_key], np.uint8) for r in records])
+      rows.extend(source[k] for k in keys)
+  images = np.stack([np.asarray(r[image_key], np.uint8) for r in rows])
   if images.ndim == 3:
     images = images[..., None]
-  labels = np.asarray([r['label'] for r in records], np.int32)
+  labels = np.asarray([r['label'] for r in rows], np.int32)
   return (images, labels), info.features['label'].num_classes, info
 
 

@@ -166,20 +166,26 @@ def _index(i, n: int) -> int:
   return i
 
 
+def check_arrays(images, labels, where: str) -> Tuple[np.ndarray, np.ndarray]:
+  """(images, labels as int32) of an in-memory split; one line naming `where` if their
+  types or shapes are wrong."""
+  images, labels = np.asarray(images), np.asarray(labels)
+  if images.ndim != 4 or images.dtype != np.uint8:
+    raise UserError(f'{where}: images must be uint8 of shape (N, H, W, C), '
+                    f'got {images.dtype} {images.shape}')
+  if labels.shape != (images.shape[0],):
+    raise UserError(f'{where}: labels shape {labels.shape} does not match '
+                    f'{images.shape[0]} images')
+  return images, labels.astype(np.int32, copy=False)
+
+
 class ArraySource:
   """Images (N, H, W, C) uint8 and labels (N,) held in memory; items are views.
   Pickling copies the arrays (prefer in-process reading for large ones)."""
 
   def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int,
                name: str = 'arrays'):
-    images, labels = np.asarray(images), np.asarray(labels)
-    if images.ndim != 4 or images.dtype != np.uint8:
-      raise UserError(f'{name}: images must be uint8 of shape (N, H, W, C), '
-                      f'got {images.dtype} {images.shape}')
-    if labels.shape != (images.shape[0],):
-      raise UserError(f'{name}: labels shape {labels.shape} does not match '
-                      f'{images.shape[0]} images')
-    self.images, self.labels = images, labels.astype(np.int32, copy=False)
+    self.images, self.labels = check_arrays(images, labels, name)
     self.num_classes, self.name = int(num_classes), name
     self.channels = images.shape[-1]
 
@@ -313,8 +319,8 @@ class RecordFileSource:
     return f'RecordFileSource({self.name}, {len(self)} records, {self.num_classes} classes)'
 
 
-def _tfds_data_source(name: str, split: str, data_dir: Optional[str]):
-  """tfds.data_source(name, split), or the one line datasets.py gives when not prepared."""
+def tfds_data_source(name: str, split: str, data_dir: Optional[str]):
+  """tfds.data_source(name, split), or one line saying how to prepare it."""
   import tensorflow_datasets as tfds
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir or None)
@@ -334,7 +340,7 @@ class TfdsSource:
   def __init__(self, name: str, split: str, data_dir: Optional[str] = None):
     self.dataset, self.split, self.data_dir = name, split, data_dir or None
     self.name = f'tfds {name} {split}'
-    self._source = _tfds_data_source(name, split, self.data_dir)
+    self._source = tfds_data_source(name, split, self.data_dir)
     features = self._source.dataset_info.features
     self._image_key = next((k for k in ('image', 'img') if k in features), None)
     if self._image_key is None or 'label' not in features:
@@ -350,7 +356,7 @@ class TfdsSource:
   def __getitem__(self, i) -> Tuple[np.ndarray, int]:
     i = _index(i, self._len)
     if self._source is None:
-      self._source = _tfds_data_source(self.dataset, self.split, self.data_dir)
+      self._source = tfds_data_source(self.dataset, self.split, self.data_dir)
     record = self._source[i]
     image = np.asarray(record[self._image_key], np.uint8)
     return (image[..., None] if image.ndim == 2 else image), int(record['label'])
