@@ -123,6 +123,13 @@ def test_host_batches_do_not_depend_on_workers_or_processes():
   read = list(stream.batches(whole, 0, 4, workers=2))   # in worker processes
   for step, item in enumerate(read):
     np.testing.assert_array_equal(item['images'], whole(step)['images'])
+  # Evaluation batches (a large split's are read by workers): the same in a worker.
+  evaluate = stream.EvalReader(view, stream.HostTransform(16, (16, 16, 3)), 64, (0, 64))
+  read = list(stream.batches(evaluate, 0, 4, workers=2))
+  assert len(read) == 4 and read[3]['mask'].sum() == 200 - 3 * 64
+  for i, item in enumerate(read):
+    np.testing.assert_array_equal(item['images'], evaluate(i)['images'])
+    np.testing.assert_array_equal(item['labels'], evaluate(i)['labels'])
 
 
 def test_bad_record_is_skipped_with_a_warning_and_a_limit_fails_the_run(tmp_path):

@@ -35,6 +35,9 @@ from lib.data.order import epoch_permutation  # noqa: F401 - its home before lib
 # The evaluation split of a fixed training subset (Dataset.train_eval_indices), kept
 # on device as a split of its own.
 TRAIN_EVAL = 'train_eval'
+# The stream path evaluates a split with its worker processes only from this many
+# padded batches per worker (each evaluation starts them anew).
+EVAL_BATCHES_PER_WORKER = 4
 
 
 def memory_budget(devices) -> int:
@@ -303,7 +306,9 @@ class StreamSplits:
     count = -(-len(source) // self.eval_batch)
     reader = stream.EvalReader(source, self.eval_transform, self.eval_batch,
                                local_rows(self.mesh, self.eval_batch, self.shape))
-    it = stream.batches(reader, 0, count, min(self.workers, count), self.depth)
+    # A worker process takes seconds to start: a split of a few batches is read by threads.
+    workers = self.workers if count >= EVAL_BATCHES_PER_WORKER * self.workers else 0
+    it = stream.batches(reader, 0, count, workers, self.depth)
     idx = sharding.to_global(np.arange(self.eval_batch, dtype=np.int32), self.labels_sharding)
     feed = _Feed(it, lambda item: self._global(item, self.eval_batch), self.depth,
                  lambda item: self._count_bad(split, item))
