@@ -370,37 +370,19 @@ def test_bad_input_is_one_line_from_every_process(tmp_path):
   assert not os.path.exists(tmp_path / 'w')
 
 
-def test_a_failure_of_process_0_alone_ends_a_sweep_which_reruns_to_the_end(tmp_path):
-  """A full disk as process 0 writes metrics (process 1 writes none). A sweep records a
-  failed run and goes on; with several processes the failure may be process 0's alone, so
-  the sweep ends (it went on with process 0 alone). The failed process ends at once: a
-  normal exit waited in JAX's distributed shutdown (300 s) for process 1, itself waiting in
-  its next collective for process 0 (the launch hung). Its locks are released."""
-  args = ['sweep', '--config=experiments/quickstart_sweep.py', f'--workdir={tmp_path}',
-          '--seeds=1', '--processes=2', '--local_devices=2', '--config.train.epochs=1',
-          '--config.model.width=64']
-  out = launch(*args, env={'ABLATE_FAULT': 'metrics_write@1:enospc'})
-  assert out.returncode == 1
-  errors = [l for l in out.stderr.splitlines() if l.startswith('error')]
-  assert len(errors) == 1 and 'disk full writing' in errors[0], out.stderr[-3000:]
-  failed = [a for a in os.listdir(tmp_path) if os.path.isdir(tmp_path / a / 'seed_0')
-            and RunDir(str(tmp_path / a / 'seed_0')).read_status().get('status') == 'failed']
-  assert failed   # recorded before the end (all 3 when they train as one vectorized group)
-  assert not [a for a in os.listdir(tmp_path) if os.path.exists(tmp_path / a / 'seed_0' /
-                                                                 'lock.json')]
-  again = launch(*args)
-  assert again.returncode == 0, again.stderr[-3000:]
-  for arm in sweep_lib.parse(sweep_lib.load_spec('experiments/quickstart_sweep.py', None), 1).arms:
-    assert RunDir(str(tmp_path / arm / 'seed_0')).read_status()['status'] == 'done'
-
-
 # ---------------------------------------------------------------- a vectorized sweep
 
 
 SWEEP = {'model.width': 64, 'model.norm': 'batch', 'train.epochs': 2}
 
 
-def test_a_vectorized_sweep_spans_two_processes(tmp_path):
+def test_a_vectorized_sweep_spans_two_processes_and_ends_at_a_failure_of_process_0(tmp_path):
+  """The 3 arms of a vectorized group train over 2 processes as in 1. First, a full disk as
+  process 0 writes metrics (process 1 writes none): a sweep records a failed run and goes
+  on, but with several processes the failure may be process 0's alone, so the sweep ends
+  (it went on with process 0 alone, and hung). The failed process ends at once: a normal
+  exit waited in JAX's distributed shutdown (300 s) for process 1, itself waiting in its
+  next collective for process 0. Its locks are released; the rerun trains the group."""
   module = 'experiments/quickstart_sweep.py'
   spec = sweep_lib.parse(sweep_lib.load_spec(module, None), 1)
   from experiments import quickstart_sweep
@@ -409,12 +391,20 @@ def test_a_vectorized_sweep_spans_two_processes(tmp_path):
   one = str(tmp_path / 'one')
   runner.execute(runner.plan(base, spec.runs(), one), one, 'local', log=quiet, vectorize=True)
   two, audit = str(tmp_path / 'two'), str(tmp_path / 'audit')
+  args = ['sweep', f'--config={module}', f'--workdir={two}', '--seeds=1', '--processes=2',
+          '--local_devices=2', *[f'--config.{k}={v}' for k, v in SWEEP.items()]]
+  out = launch(*args, env={'ABLATE_FAULT': 'metrics_write@1:enospc'})
+  assert out.returncode == 1
+  errors = [l for l in out.stderr.splitlines() if l.startswith('error')]
+  assert len(errors) == 1 and 'disk full writing' in errors[0], out.stderr[-3000:]
+  runs = [os.path.join(two, arm, 'seed_0') for arm in spec.arms]
+  assert [RunDir(r).read_status().get('status') for r in runs] == ['failed'] * 3
+  assert not [r for r in runs if os.path.exists(os.path.join(r, 'lock.json'))]
   os.makedirs(audit)
   # Process 1 lags: it looks at the first run's lock only once process 0 could have taken it.
   first_lock = os.path.join(two, 'no_dropout', 'seed_0', 'lock.json')
-  out = launch('sweep', f'--config={module}', f'--workdir={two}', '--seeds=1', '--processes=2',
-               '--local_devices=2', *[f'--config.{k}={v}' for k, v in SWEEP.items()],
-               env={'MP_TEST_DELAY': f'lock.json|1|{first_lock}|3', 'MP_TEST_AUDIT': audit})
+  out = launch(*args, env={'MP_TEST_DELAY': f'lock.json|1|{first_lock}|3',
+                           'MP_TEST_AUDIT': audit})
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'vectorized: 3 runs in 1 program group(s)' in out.stdout
   assert 'training 3 arms of mlp' in out.stdout, out.stdout
