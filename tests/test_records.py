@@ -14,6 +14,8 @@ from PIL import Image
 
 from lib.core.errors import UserError
 from lib.data import records as R
+from lib.data import synthetic as S
+from lib.data import transforms as T
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -202,7 +204,7 @@ def test_crop_boxes_respect_scale_ratio_and_bounds():
   for scale, ratio in (((0.08, 1.0), (3 / 4, 4 / 3)), ((0.5, 1.0), (0.5, 2.0))):
     fracs, aspects = [], []
     for _ in range(2000):
-      top, left, h, w = R.sample_crop_box(height, width, rng, scale, ratio)
+      top, left, h, w = T.sample_crop_box(height, width, rng, scale, ratio)
       assert 0 <= top and top + h <= height and 0 <= left and left + w <= width
       fracs.append(h * w / (height * width))
       aspects.append(w / h)
@@ -215,11 +217,11 @@ def test_crop_boxes_respect_scale_ratio_and_bounds():
 
 def test_crop_box_distribution_uniform_area_log_uniform_aspect():
   rng = np.random.default_rng(1)
-  fracs = np.array([np.prod(R.sample_crop_box(256, 256, rng, (0.25, 0.5), (1, 1))[2:]) / 256 ** 2
+  fracs = np.array([np.prod(T.sample_crop_box(256, 256, rng, (0.25, 0.5), (1, 1))[2:]) / 256 ** 2
                     for _ in range(3000)])
   assert abs(fracs.mean() - 0.375) < 0.01      # area (not side) uniform in the scale range
   assert abs(np.quantile(fracs, 0.25) - 0.3125) < 0.01
-  boxes = [R.sample_crop_box(1000, 1000, rng, (0.01, 0.02), (0.5, 2)) for _ in range(3000)]
+  boxes = [T.sample_crop_box(1000, 1000, rng, (0.01, 0.02), (0.5, 2)) for _ in range(3000)]
   logs = np.array([math.log(w / h) for _, _, h, w in boxes])
   q = math.log(2) / 2                          # quartiles of uniform(-log 2, log 2)
   assert abs(logs.mean()) < 0.03 and abs(np.quantile(logs, 0.75) - q) < 0.04
@@ -228,34 +230,34 @@ def test_crop_box_distribution_uniform_area_log_uniform_aspect():
 
 def test_crop_box_falls_back_to_a_centred_clamped_crop():
   # A 10 x 400 strip: no sample fits, so the centre, aspect clamped to 4/3.
-  assert R.sample_crop_box(10, 400, np.random.default_rng(0)) == (0, (400 - 13) // 2, 10, 13)
-  assert R.sample_crop_box(400, 10, np.random.default_rng(0)) == ((400 - 13) // 2, 0, 13, 10)
+  assert T.sample_crop_box(10, 400, np.random.default_rng(0)) == (0, (400 - 13) // 2, 10, 13)
+  assert T.sample_crop_box(400, 10, np.random.default_rng(0)) == ((400 - 13) // 2, 0, 13, 10)
   with pytest.raises(ValueError):
-    R.sample_crop_box(10, 10, np.random.default_rng(0), scale=(0.5, 0.2))
+    T.sample_crop_box(10, 10, np.random.default_rng(0), scale=(0.5, 0.2))
 
 
 def test_random_resized_crop_shape_determinism_and_content():
   image = np.random.default_rng(0).integers(0, 256, (90, 130, 3)).astype(np.uint8)
-  a = R.random_resized_crop(image, 32, np.random.default_rng(5))
+  a = T.random_resized_crop(image, 32, np.random.default_rng(5))
   assert a.shape == (32, 32, 3) and a.dtype == np.uint8
-  np.testing.assert_array_equal(a, R.random_resized_crop(image, 32, np.random.default_rng(5)))
-  assert not np.array_equal(a, R.random_resized_crop(image, 32, np.random.default_rng(6)))
-  assert R.random_resized_crop(image[..., :1], 24, np.random.default_rng(5)).shape == (24, 24, 1)
+  np.testing.assert_array_equal(a, T.random_resized_crop(image, 32, np.random.default_rng(5)))
+  assert not np.array_equal(a, T.random_resized_crop(image, 32, np.random.default_rng(6)))
+  assert T.random_resized_crop(image[..., :1], 24, np.random.default_rng(5)).shape == (24, 24, 1)
   # The crop is of the sampled box: scale and ratio pinned to the whole image give the
   # whole image resized; a constant image stays constant.
-  whole = R.random_resized_crop(image, 32, np.random.default_rng(0), (1, 1), (130 / 90,) * 2)
+  whole = T.random_resized_crop(image, 32, np.random.default_rng(0), (1, 1), (130 / 90,) * 2)
   np.testing.assert_array_equal(
       whole, np.asarray(Image.fromarray(image).resize((32, 32), Image.BILINEAR)))
   flat = np.full((50, 70, 3), (10, 200, 30), np.uint8)
-  assert (R.random_resized_crop(flat, 16, np.random.default_rng(1)) == (10, 200, 30)).all()
+  assert (T.random_resized_crop(flat, 16, np.random.default_rng(1)) == (10, 200, 30)).all()
   # And of that box's place: a left-half-black image's crops are darker on their left.
   half = np.full((100, 100, 3), 255, np.uint8)
   half[:, :50] = 0
   lefts = []
   for seed in range(30):
     rng = np.random.default_rng(seed)
-    top, left, h, w = R.sample_crop_box(100, 100, np.random.default_rng(seed))
-    out = R.random_resized_crop(half, 20, rng)
+    top, left, h, w = T.sample_crop_box(100, 100, np.random.default_rng(seed))
+    out = T.random_resized_crop(half, 20, rng)
     if left + w <= 45:
       assert out.max() == 0
     if left >= 55:
@@ -268,7 +270,7 @@ def test_center_resize_crop_takes_the_centre_at_the_right_scale():
   h, w, size = 100, 200, 32
   xs, ys = np.meshgrid(np.arange(w), np.arange(h))
   image = np.stack([xs, ys * 2, np.zeros_like(xs)], -1).astype(np.uint8)
-  out = R.center_resize_crop(image, size)            # shorter side to round(32 / 0.875) = 37
+  out = T.center_resize_crop(image, size)            # shorter side to round(32 / 0.875) = 37
   assert out.shape == (size, size, 3) and out.dtype == np.uint8
   nh, nw = 37, 74
   top, left = (nh - size) // 2, (nw - size) // 2
@@ -282,21 +284,21 @@ def test_center_resize_crop_takes_the_centre_at_the_right_scale():
   # A tall image: the centre rows; the known centre colour fills the crop.
   tall = np.zeros((160, 80, 3), np.uint8)
   tall[20:140] = (255, 0, 0)   # a crop aligned to the top would take black rows
-  out = R.center_resize_crop(tall, 16)
+  out = T.center_resize_crop(tall, 16)
   assert out.shape == (16, 16, 3) and (out[..., 0] > 240).all() and (out[..., 1:] < 15).all()
   # crop_fraction 1 on an image of the size: returned as is.
   small = np.random.default_rng(0).integers(0, 256, (16, 16, 3)).astype(np.uint8)
-  assert R.center_resize_crop(small, 16, 1.0) is small
-  assert R.eval_transform(image, size).shape == (size, size, 3)
-  np.testing.assert_array_equal(R.eval_transform(image, size), R.center_resize_crop(image, size))
+  assert T.center_resize_crop(small, 16, 1.0) is small
+  assert T.eval_transform(image, size).shape == (size, size, 3)
+  np.testing.assert_array_equal(T.eval_transform(image, size), T.center_resize_crop(image, size))
 
 
 def test_flip_half_the_time_and_deterministic():
   image = np.random.default_rng(0).integers(0, 256, (8, 10, 3)).astype(np.uint8)
   flipped = 0
   for seed in range(600):
-    out = R.flip(image, np.random.default_rng(seed))
-    np.testing.assert_array_equal(out, R.flip(image, np.random.default_rng(seed)))
+    out = T.flip(image, np.random.default_rng(seed))
+    np.testing.assert_array_equal(out, T.flip(image, np.random.default_rng(seed)))
     if np.array_equal(out, image[:, ::-1]):
       flipped += 1
     else:
@@ -306,19 +308,19 @@ def test_flip_half_the_time_and_deterministic():
 
 def test_train_transform_and_example_rng():
   image = np.random.default_rng(0).integers(0, 256, (70, 90, 3)).astype(np.uint8)
-  r = R.example_rng(3, 1, 7)
+  r = T.example_rng(3, 1, 7)
   assert r.random() == np.random.default_rng([3, 1, 7]).random()
-  assert R.example_rng(3, 1, 7).random() != R.example_rng(3, 1, 8).random()
-  assert R.example_rng(3, 1, 7).random() != R.example_rng(3, 2, 7).random()
-  plain = R.train_transform(image, 24, R.example_rng(0, 0, 0), scale_lo=0.3, flip=False)
+  assert T.example_rng(3, 1, 7).random() != T.example_rng(3, 1, 8).random()
+  assert T.example_rng(3, 1, 7).random() != T.example_rng(3, 2, 7).random()
+  plain = T.train_transform(image, 24, T.example_rng(0, 0, 0), scale_lo=0.3, flip=False)
   np.testing.assert_array_equal(
-      plain, R.random_resized_crop(image, 24, R.example_rng(0, 0, 0), scale=(0.3, 1.0)))
+      plain, T.random_resized_crop(image, 24, T.example_rng(0, 0, 0), scale=(0.3, 1.0)))
   n_flipped = 0
   for i in range(40):
-    rng = R.example_rng(0, 0, i)
-    crop = R.random_resized_crop(image, 24, rng, scale=(0.3, 1.0))
-    expect = R.flip(crop, rng)
-    got = R.train_transform(image, 24, R.example_rng(0, 0, i), scale_lo=0.3)
+    rng = T.example_rng(0, 0, i)
+    crop = T.random_resized_crop(image, 24, rng, scale=(0.3, 1.0))
+    expect = T.flip(crop, rng)
+    got = T.train_transform(image, 24, T.example_rng(0, 0, i), scale_lo=0.3)
     np.testing.assert_array_equal(got, expect)
     n_flipped += not np.array_equal(got, crop)
   assert 5 < n_flipped < 35
@@ -336,9 +338,9 @@ def _features(src, k=8):
 
 
 def test_make_synthetic_jpeg_deterministic_variable_size_and_learnable(tmp_path):
-  a = R.make_synthetic_jpeg(str(tmp_path / 'a'), n_train=640, n_test=160, seed=3)
-  b = R.make_synthetic_jpeg(str(tmp_path / 'b'), n_train=640, n_test=10, seed=3)
-  c = R.make_synthetic_jpeg(str(tmp_path / 'c'), n_train=640, n_test=10, seed=4)
+  a = S.make_synthetic_jpeg(str(tmp_path / 'a'), n_train=640, n_test=160, seed=3)
+  b = S.make_synthetic_jpeg(str(tmp_path / 'b'), n_train=640, n_test=10, seed=3)
+  c = S.make_synthetic_jpeg(str(tmp_path / 'c'), n_train=640, n_test=10, seed=4)
   assert sorted(os.listdir(a)) == ['meta.json', 'test.array_record', 'train.array_record']
   assert json.load(open(os.path.join(a, 'meta.json')))['num_classes'] == 10
   train = R.RecordFileSource(os.path.join(a, 'train.array_record'))
@@ -364,25 +366,25 @@ def test_make_synthetic_jpeg_deterministic_variable_size_and_learnable(tmp_path)
 
 def test_synthetic_jpeg_dir_generates_once_and_survives_a_lost_race(tmp_path, monkeypatch):
   monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))
-  path = R.synthetic_jpeg_dir(20, 10, 4, 0)
+  path = S.synthetic_jpeg_dir(20, 10, 4, 0)
   assert os.path.dirname(path) == str(tmp_path)
   assert os.path.basename(path).startswith('ablations-synthetic-jpeg-')
   assert len(R.RecordFileSource(os.path.join(path, 'train.array_record'))) == 20
   stamp = os.path.getmtime(os.path.join(path, 'train.array_record'))
-  assert R.synthetic_jpeg_dir(20, 10, 4, 0) == path
+  assert S.synthetic_jpeg_dir(20, 10, 4, 0) == path
   assert os.path.getmtime(os.path.join(path, 'train.array_record')) == stamp
-  assert R.synthetic_jpeg_dir(20, 10, 4, 1) != path
+  assert S.synthetic_jpeg_dir(20, 10, 4, 1) != path
   # Another process finishes first while this one generates: this one uses the winner's.
-  real = R.make_synthetic_jpeg
+  real = S.make_synthetic_jpeg
   calls = []
 
   def racing(directory, *args):
     calls.append(directory)
     real(directory, *args)
     real(directory.split('.tmp-')[0], *args)   # the final directory, made by the winner
-  monkeypatch.setattr(R, 'make_synthetic_jpeg', racing)
-  got = R.synthetic_jpeg_dir(20, 10, 4, 2)
+  monkeypatch.setattr(S, 'make_synthetic_jpeg', racing)
+  got = S.synthetic_jpeg_dir(20, 10, 4, 2)
   assert len(calls) == 1 and calls[0].startswith(got + '.tmp-')
   assert len(R.RecordFileSource(os.path.join(got, 'test.array_record'))) == 10
   assert sorted(os.listdir(tmp_path)) == sorted(   # the loser's temp dir is gone
-      os.path.basename(p) for p in (path, R.synthetic_jpeg_dir(20, 10, 4, 1), got))
+      os.path.basename(p) for p in (path, S.synthetic_jpeg_dir(20, 10, 4, 1), got))

@@ -12,7 +12,7 @@ from conftest import ROOT, bad_records_dir, quickstart_mlp
 
 from lib.core.errors import UserError
 from lib.data import datasets as data
-from lib.data import records, stream
+from lib.data import records, stream, synthetic, transforms
 from lib.data.order import epoch_permutation
 from lib.runs.train import Preempted, train_and_evaluate
 
@@ -109,7 +109,7 @@ def test_host_batches_do_not_depend_on_workers_or_processes():
   """Each example's augmentation comes from (seed, epoch, index); each process reads
   its own rows of the batch: the rows of 2 processes make up the batch of 1."""
   source = records.RecordFileSource(
-      os.path.join(records.synthetic_jpeg_dir(), 'train.array_record'))
+      os.path.join(synthetic.synthetic_jpeg_dir(), 'train.array_record'))
   view = stream.SplitView(source, np.arange(200), 'train')
   t = stream.HostTransform(16, (16, 16, 3), train=True, scale_lo=0.2, flip=True)
   whole = stream.BatchReader(view, t, 3, 8, 25, (0, 8))
@@ -198,7 +198,7 @@ def test_host_transform_follows_the_factors():
   plain = stream.HostTransform(16, (16, 16, 3), train=True)
   flipping = stream.HostTransform(16, (16, 16, 3), train=True, flip=True)
   cropping = stream.HostTransform(16, (16, 16, 3), train=True, scale_lo=0.1)
-  reference = records.eval_transform(image, 16)
+  reference = transforms.eval_transform(image, 16)
   np.testing.assert_array_equal(evaluate(image, None, 'x'), reference)
   np.testing.assert_array_equal(plain(image, fixed, 'x'), reference)
   flips = [np.array_equal(flipping(image, lambda: np.random.default_rng(s), 'x'), reference[:, ::-1])

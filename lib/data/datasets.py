@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 
 from lib.core import cache
-from lib.data import records, stream
+from lib.data import records, stream, synthetic, transforms
 from lib.core.errors import UserError
 from lib.core.registry import Registry
 
@@ -252,7 +252,7 @@ def _synthetic_jpeg(data_config):
   """A small generated dataset of variable-size JPEGs (640 train, 160 test, 10 classes)
   in the `records` format, written once to the temp directory: the whole streaming
   path (ArrayRecord, JPEG decoding, host transforms, workers) without a download."""
-  return _records(ml_collections.ConfigDict({'path': records.synthetic_jpeg_dir()}))
+  return _records(ml_collections.ConfigDict({'path': synthetic.synthetic_jpeg_dir()}))
 
 
 def _tfds_streamed(data_config):
@@ -314,7 +314,7 @@ def _stat_sample(split, size: int, n: int = 256) -> np.ndarray:
       continue
     image = image[..., None] if image.ndim == 2 else image
     shapes.add(image.shape)
-    images.append(records.eval_transform(image, size) if size else image)
+    images.append(transforms.eval_transform(image, size) if size else image)
   if not images:
     raise UserError(f'no image of {split.name} can be read')
   if not size and len(shapes) > 1:

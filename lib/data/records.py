@@ -1,8 +1,9 @@
-"""Random-access image records and the per-example host transforms of a streaming input path.
+"""Random-access image records of a streaming input path.
 
 The in-memory path (datasets.py, device.py) keeps every split on the devices; data that does
 not fit is read example by example on the host, in worker processes, and augmented there.
-This module is that per-example layer; the pipeline that shards, batches and prefetches
+This module reads and writes those examples (transforms.py augments them; synthetic.py
+generates a small dataset of them); the pipeline that shards, batches and prefetches
 (stream.py) calls it.
 
 Record format (ours, no TensorFlow): an ArrayRecord file, written with group_size 1 and no
@@ -11,7 +12,7 @@ compression (fast random access; JPEG/PNG do not compress further), whose every 
     struct.pack('<i', label) + encoded image bytes (JPEG or PNG)
 
 with `meta.json` beside it holding {"num_classes": N}. `write_records` writes one
-atomically; `make_synthetic_jpeg` writes a small learnable dataset of variable-size JPEGs.
+atomically.
 
 Sources: `ArraySource` (arrays in memory), `RecordFileSource` (ArrayRecord files) and
 `TfdsSource` (tfds.data_source, no TensorFlow) share one interface: `len(source)`,
@@ -20,24 +21,15 @@ picklable and cheap to pickle: open files and readers are dropped by `__getstate
 reopened lazily in the process that unpickles them (a grain worker). A record that cannot be
 decoded raises `CorruptRecord`, a one-line UserError naming the file and record.
 
-Transforms: numpy + PIL, deterministic given a numpy Generator; `example_rng(seed, epoch,
-index)` gives each example of each epoch its own stream, so the augmentation of an example
-does not depend on which worker reads it or in what order.
-
 Imports numpy, PIL and array_record only (neither jax nor grain, which imports jax):
 tensorflow_datasets is imported by TfdsSource alone.
 """
-import colorsys
 import glob
-import hashlib
 import io
 import json
-import math
 import operator
 import os
-import shutil
 import struct
-import tempfile
 import threading
 import uuid
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
@@ -368,181 +360,3 @@ class TfdsSource:
 
   def __repr__(self):
     return f'TfdsSource({self.name}, {self._len} examples)'
-
-
-# ------------------------------------------------------------------------------- transforms
-
-def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-  """The random stream of example `index` in `epoch`: independent of the reading order."""
-  return np.random.default_rng([seed, epoch, index])
-
-
-def _resize(image: np.ndarray, width: int, height: int, box=None) -> np.ndarray:
-  """HWC uint8 resized (the region `box` = (left, top, right, bottom) of it, if given) to
-  (height, width) with PIL's bilinear filter, which widens when shrinking (antialiased)."""
-  c = image.shape[-1]
-  if c not in (1, 3):
-    return np.stack([_resize(image[..., k:k + 1], width, height, box)[..., 0]
-                     for k in range(c)], -1)
-  pil = Image.fromarray(np.ascontiguousarray(image[..., 0] if c == 1 else image))
-  out = np.asarray(pil.resize((width, height), Image.BILINEAR, box=box))
-  return out[..., None] if c == 1 else out
-
-
-def sample_crop_box(height: int, width: int, rng: np.random.Generator,
-                    scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> Tuple[int, int, int, int]:
-  """(top, left, h, w) of an Inception-style crop: up to 10 draws of an area fraction
-  uniform in `scale` and an aspect ratio w/h log-uniform in `ratio`, the first that fits;
-  else a centred crop of the whole image, its aspect clamped to `ratio`."""
-  if not 0 < scale[0] <= scale[1] <= 1 or not 0 < ratio[0] <= ratio[1]:
-    raise ValueError(f'need 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]; '
-                     f'got scale={scale} ratio={ratio}')
-  area = height * width
-  log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-  for _ in range(10):
-    target = area * rng.uniform(scale[0], scale[1])
-    aspect = math.exp(rng.uniform(log_lo, log_hi))
-    w = int(round(math.sqrt(target * aspect)))
-    h = int(round(math.sqrt(target / aspect)))
-    if 0 < w <= width and 0 < h <= height:
-      top = int(rng.integers(0, height - h + 1))
-      left = int(rng.integers(0, width - w + 1))
-      return top, left, h, w
-  aspect = width / height
-  if aspect < ratio[0]:
-    w, h = width, max(1, min(height, int(round(width / ratio[0]))))
-  elif aspect > ratio[1]:
-    w, h = max(1, min(width, int(round(height * ratio[1])))), height
-  else:
-    w, h = width, height
-  return (height - h) // 2, (width - w) // 2, h, w
-
-
-def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator,
-                        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> np.ndarray:
-  """A random crop (sample_crop_box) resized to (size, size, C), bilinear, antialiased."""
-  top, left, h, w = sample_crop_box(image.shape[0], image.shape[1], rng, scale, ratio)
-  return _resize(image, size, size, box=(left, top, left + w, top + h))
-
-
-def flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  """The image mirrored left-right with probability 1/2 (a view)."""
-  return image[:, ::-1] if rng.random() < 0.5 else image
-
-
-def center_resize_crop(image: np.ndarray, size: int, crop_fraction: float = 0.875) -> np.ndarray:
-  """The shorter side resized to round(size / crop_fraction) (bilinear, aspect kept), then
-  the centre size x size. An image already that size with crop_fraction 1 is returned as is."""
-  if not 0 < crop_fraction <= 1:
-    raise ValueError(f'crop_fraction must lie in (0, 1], got {crop_fraction}')
-  h, w = image.shape[:2]
-  short = int(round(size / crop_fraction))
-  if h <= w:
-    nh, nw = short, max(short, int(round(w * short / h)))
-  else:
-    nh, nw = max(short, int(round(h * short / w))), short
-  if (nh, nw) != (h, w):
-    image = _resize(image, nw, nh)
-  if (nh, nw) == (size, size):
-    return image
-  top, left = (nh - size) // 2, (nw - size) // 2
-  return image[top:top + size, left:left + size]
-
-
-def train_transform(image: np.ndarray, size: int, rng: np.random.Generator,
-                    scale_lo: float = 0.08, flip: bool = True) -> np.ndarray:
-  """random_resized_crop (area fraction in [scale_lo, 1]), then a random flip if `flip`."""
-  image = random_resized_crop(image, size, rng, scale=(scale_lo, 1.0))
-  return _flip(image, rng) if flip else image
-
-
-_flip = flip   # train_transform's `flip` argument shadows the function
-
-
-def eval_transform(image: np.ndarray, size: int, crop_fraction: float = 0.875) -> np.ndarray:
-  """center_resize_crop: the deterministic evaluation view."""
-  return center_resize_crop(image, size, crop_fraction)
-
-
-# --------------------------------------------------------------------- synthetic JPEG dataset
-
-_SHAPES = ('disc', 'square', 'diamond', 'ring', 'stripes')
-_SYNTHETIC_VERSION = 1   # bump when the generator's output changes (cached dirs are keyed on it)
-
-
-def _class_colour(label: int, num_classes: int, rng) -> np.ndarray:
-  """The class's hue (evenly spaced, jittered by a quarter of the spacing), as RGB 0..255."""
-  hue = ((label + rng.uniform(-0.25, 0.25)) / num_classes) % 1.0
-  value = 0.95 if (label // len(_SHAPES)) % 2 == 0 else 0.75
-  return np.array(colorsys.hsv_to_rgb(hue, 0.9, value)) * 255 * rng.uniform(0.85, 1.1)
-
-
-def _noise_crop(rng, bank: np.ndarray, h: int, w: int) -> np.ndarray:
-  """A random h x w window of a split's bank of Gaussian noise (cheaper than fresh noise)."""
-  top = int(rng.integers(0, bank.shape[0] - h + 1))
-  left = int(rng.integers(0, bank.shape[1] - w + 1))
-  return bank[top:top + h, left:left + w]
-
-
-def _synthetic_image(rng, bank: np.ndarray, label: int, num_classes: int, min_size: int,
-                     max_size: int) -> np.ndarray:
-  """A noisy grey background of random size with the class's coloured shape on it."""
-  h, w = (int(s) for s in rng.integers(min_size, max_size + 1, size=2))
-  image = _noise_crop(rng, bank, h, w) * np.float32(20) + np.float32(rng.uniform(60, 190))
-  r = rng.uniform(0.25, 0.45) * min(h, w)
-  cy, cx = rng.uniform(r, h - r), rng.uniform(r, w - r)
-  dy = ((np.arange(h, dtype=np.float32) - cy) / r)[:, None]
-  dx = ((np.arange(w, dtype=np.float32) - cx) / r)[None, :]
-  d = np.sqrt(dy ** 2 + dx ** 2)
-  square = np.maximum(abs(dy), abs(dx)) <= 0.85
-  mask = {'disc': d <= 1, 'square': square, 'diamond': abs(dy) + abs(dx) <= 1,
-          'ring': (d >= 0.55) & (d <= 1),
-          'stripes': square & (np.floor((dy + 1) * 3) % 2 == 0)}[_SHAPES[label % len(_SHAPES)]]
-  colour = _class_colour(label, num_classes, rng).astype(np.float32)
-  image[mask] = colour + _noise_crop(rng, bank, h, w)[mask] * np.float32(8)
-  return np.clip(np.round(image), 0, 255).astype(np.uint8)
-
-
-def make_synthetic_jpeg(directory: str, n_train: int = 640, n_test: int = 160,
-                        num_classes: int = 10, seed: int = 0, min_size: int = 40,
-                        max_size: int = 160) -> str:
-  """Writes train.array_record, test.array_record and meta.json of a learnable dataset of
-  JPEGs (quality 90) into `directory`: each class a hue and a shape (disc, square, diamond,
-  ring, stripes) at a random place and scale on a noisy grey background; sides drawn
-  independently in [min_size, max_size]; balanced labels. Deterministic for the arguments."""
-  os.makedirs(directory, exist_ok=True)
-  for split, n, stream in (('train', n_train, 0), ('test', n_test, 1)):
-    rng = np.random.default_rng([seed, stream])
-    labels = rng.permutation(np.arange(n) % num_classes)
-    bank = rng.standard_normal((2 * max_size, 2 * max_size, 3), dtype=np.float32)
-    images = (_synthetic_image(rng, bank, int(y), num_classes, min_size, max_size)
-              for y in labels)
-    write_records(os.path.join(directory, f'{split}.array_record'),
-                  ((encode_image(x), int(y)) for x, y in zip(images, labels)))
-  write_meta(directory, num_classes, generator='make_synthetic_jpeg', n_train=n_train,
-             n_test=n_test, seed=seed, min_size=min_size, max_size=max_size)
-  return directory
-
-
-def synthetic_jpeg_dir(n_train: int = 640, n_test: int = 160, num_classes: int = 10,
-                       seed: int = 0, min_size: int = 40, max_size: int = 160) -> str:
-  """make_synthetic_jpeg's directory for these arguments under the temp directory, generated
-  once per machine: into a private temp dir, renamed into place; a process that loses the
-  race to create it uses the winner's."""
-  args = (_SYNTHETIC_VERSION, n_train, n_test, num_classes, seed, min_size, max_size)
-  key = hashlib.sha1(repr(args).encode()).hexdigest()[:16]
-  final = os.path.join(tempfile.gettempdir(), f'ablations-synthetic-jpeg-{key}')
-  if os.path.exists(os.path.join(final, META)):
-    return final
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + '.tmp-', dir=os.path.dirname(final))
-  try:
-    make_synthetic_jpeg(tmp, n_train, n_test, num_classes, seed, min_size, max_size)
-    try:
-      os.rename(tmp, final)
-    except OSError:
-      if not os.path.exists(os.path.join(final, META)):
-        raise
-  finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
-  return final

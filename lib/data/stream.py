@@ -17,7 +17,7 @@ imports jax: the readers run in grain's worker processes.
   process reads only the rows its devices hold (a multi-process run reads its
   data once, not once per process).
 - Host transforms run per example with randomness from (seed, epoch, example
-  index) alone (records.example_rng), so they do not depend on the number of
+  index) alone (transforms.example_rng), so they do not depend on the number of
   workers or processes. With `data.image_size` > 0 every image is decoded and
   brought to that size on the host: training by a random-resized crop
   (`augment.resized_crop_scale` its lower bound, when on) and a flip
@@ -36,6 +36,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from lib.core.errors import UserError
+from lib.data import transforms
 
 # Augmentations (lib/training/augment.py names) done on the host when images are
 # brought to data.image_size there.
@@ -88,11 +89,10 @@ class HostTransform:
                         f'{tuple(self.shape)}: images of several sizes need '
                         '--config.data.image_size=<model input size>')
       return image
-    from lib.data import records
     if self.train and self.scale_lo > 0:
-      return records.train_transform(image, self.size, rng_fn(), self.scale_lo, self.flip)
-    image = records.eval_transform(image, self.size)
-    return records.flip(image, rng_fn()) if self.train and self.flip else image
+      return transforms.train_transform(image, self.size, rng_fn(), self.scale_lo, self.flip)
+    image = transforms.eval_transform(image, self.size)
+    return transforms.flip(image, rng_fn()) if self.train and self.flip else image
 
 
 class BatchReader:
@@ -139,8 +139,7 @@ class BatchReader:
 
 
 def _rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-  from lib.data import records
-  return records.example_rng(seed, epoch, index)
+  return transforms.example_rng(seed, epoch, index)
 
 
 class EvalReader:
