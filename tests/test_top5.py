@@ -135,3 +135,17 @@ def test_vectorized_arms_report_the_top5_of_their_own_runs(npz12, tmp_path):
   arm, own = RunDir(dirs[1]).read_metrics()[-1], RunDir(alone).read_metrics()[-1]
   for key in ('val_top5_accuracy', 'train_eval_top5_accuracy'):
     assert arm[key] == pytest.approx(own[key], abs=1e-6)
+
+
+def test_a_streamed_run_reports_the_top5_of_the_resident_run(npz12, tmp_path):
+  """The stream path's evaluation sums top-5 too (it summed loss, correct and count only:
+  a streamed ImageNet run had no top-5)."""
+  rows = {}
+  for pipeline in ('resident', 'stream'):
+    c = config12(npz12)
+    c.data.pipeline = pipeline
+    workdir = str(tmp_path / pipeline)
+    assert train_and_evaluate(c, workdir, log=quiet)['status'] == 'done'
+    rows[pipeline] = RunDir(workdir).read_metrics()[-1]
+  for key in ('val_top5_accuracy', 'train_eval_top5_accuracy', 'val_accuracy'):
+    assert rows['stream'][key] == pytest.approx(rows['resident'][key], abs=1e-6), key

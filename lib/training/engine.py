@@ -14,7 +14,7 @@ import numpy as np
 from lib.core import sharding
 from lib.core.errors import UserError
 from lib.data import device, stream
-from lib.data.device import TRAIN_EVAL, epoch_permutation, steps_per_epoch  # noqa: F401
+from lib.data.device import TRAIN_EVAL, steps_per_epoch  # noqa: F401 - TRAIN_EVAL for callers
 from lib.model import models
 from lib.training import optim, steps
 from lib.training import eval_step as eval_lib
@@ -160,18 +160,23 @@ class Engine:
   def eval_split_fn(self, tta: str):
     """run(state, images, labels, idx, mask) -> sums of loss, correct, count, and
     correct5 above 10 classes (eval_step.reports_top5) (not jitted)."""
-    top5 = eval_lib.reports_top5(self.dataset.num_classes)
-    eval_step = eval_lib.make_eval_step(self.model, self.mean, self.std, tta, top5=top5)
-    keys = ('loss', 'correct', 'count') + (('correct5',) if top5 else ())
+    eval_step, zeros = self._eval_step(tta)
 
     def run(state, images, labels, idx, mask):
       def body(totals, batch):
         out = eval_step(state, images, labels, *batch)
         return jax.tree.map(jnp.add, totals, out), None
-      zeros = {k: jnp.zeros((), jnp.float32) for k in keys}
-      return jax.lax.scan(body, zeros, (idx, mask))[0]
+      return jax.lax.scan(body, zeros(), (idx, mask))[0]
 
     return run
+
+  def _eval_step(self, tta: str):
+    """(eval_step, zeros): the step that sums one batch's loss, correct, count (and
+    correct5 above 10 classes), and a function giving the zero sums it adds to."""
+    top5 = eval_lib.reports_top5(self.dataset.num_classes)
+    eval_step = eval_lib.make_eval_step(self.model, self.mean, self.std, tta, top5=top5)
+    keys = ('loss', 'correct', 'count') + (('correct5',) if top5 else ())
+    return eval_step, lambda: {k: jnp.zeros((), jnp.float32) for k in keys}
 
   def evaluate(self, state, split: str = 'val', tta: Optional[str] = None) -> Dict[str, float]:
     """Loss and accuracy (top-5 too above 10 classes) over a whole split, in fixed
@@ -188,14 +193,14 @@ class Engine:
     order on the devices (as the resident scan adds them)."""
     key = ('batch', tta)
     if key not in self._eval_programs:
-      eval_step = eval_lib.make_eval_step(self.model, self.mean, self.std, tta)
+      eval_step, zeros = self._eval_step(tta)
 
       def add(totals, state, images, labels, idx, mask):
         return jax.tree.map(jnp.add, totals, eval_step(state, images, labels, idx, mask))
-      self._eval_programs[key] = jax.jit(add, donate_argnums=(0,), out_shardings=self.rep)
-    fn = self._eval_programs[key]
-    totals = jax.jit(lambda: {k: jnp.zeros((), jnp.float32) for k in ('loss', 'correct', 'count')},
-                     out_shardings=self.rep)()
+      self._eval_programs[key] = (jax.jit(add, donate_argnums=(0,), out_shardings=self.rep),
+                                  jax.jit(zeros, out_shardings=self.rep))
+    fn, zeros = self._eval_programs[key]
+    totals = zeros()
     for inputs in self.data.eval_batches(split):
       totals = fn(totals, state, *inputs)
       if self._serialize:
