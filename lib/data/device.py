@@ -30,7 +30,7 @@ import numpy as np
 from lib.core import sharding
 from lib.core.errors import UserError
 from lib.data import stream
-from lib.data.order import epoch_permutation  # noqa: F401 - its home before lib/data/order.py
+from lib.data.order import epoch_permutation
 
 # The evaluation split of a fixed training subset (Dataset.train_eval_indices), kept
 # on device as a split of its own.
@@ -73,8 +73,7 @@ class DeviceSplits:
   def __init__(self, dataset, mesh, eval_batch_size: int):
     self.dataset, self.mesh = dataset, mesh
     self.rep = sharding.replicated(mesh)
-    n = mesh.shape[sharding.DATA]   # the batch is split over the data axis only
-    self.eval_batch = -(-eval_batch_size // n) * n
+    self.eval_batch = eval_batch_on(mesh, eval_batch_size)
     self._on_device: Dict[str, tuple] = {}
     self._eval_batches: Dict[str, tuple] = {}
 
@@ -110,6 +109,13 @@ class DeviceSplits:
       rows = sharding.sharded_along(self.mesh, 2, axis=1)
       self._eval_batches[split] = (sharding.to_global(idx, rows), sharding.to_global(mask, rows))
     return (images, labels) + self._eval_batches[split]
+
+
+def eval_batch_on(mesh, eval_batch_size: int) -> int:
+  """`eval_batch_size` rounded up to a multiple of the data axis (the batch is split
+  over the data axis only)."""
+  n = mesh.shape[sharding.DATA]
+  return -(-eval_batch_size // n) * n
 
 
 def local_rows(mesh, batch: int, shape) -> Tuple[int, int]:
@@ -189,8 +195,7 @@ class StreamSplits:
   def __init__(self, dataset, mesh, config, steps_per_epoch: int, log=None):
     self.dataset, self.mesh, self.config = dataset, mesh, config
     d = config.data
-    n = mesh.shape[sharding.DATA]
-    self.eval_batch = -(-config.train.eval_batch_size // n) * n
+    self.eval_batch = eval_batch_on(mesh, config.train.eval_batch_size)
     self.batch = config.train.batch_size
     self.steps_per_epoch = steps_per_epoch
     self.shape = tuple(dataset.image_shape)

@@ -36,7 +36,8 @@ from typing import Optional, Tuple
 import numpy as np
 
 from lib.core.errors import UserError
-from lib.data import transforms
+from lib.data import records, transforms
+from lib.data.order import epoch_permutation
 
 # Augmentations (lib/training/augment.py names) done on the host when images are
 # brought to data.image_size there.
@@ -48,12 +49,8 @@ class BadRecord(UserError):
   """A record that cannot be read as an image (its message names it)."""
 
 
-def _bad_record_types():
-  try:
-    from lib.data import records
-    return (BadRecord, records.CorruptRecord)
-  except (ImportError, AttributeError):
-    return (BadRecord,)
+# What a reader skips (training) or masks out (evaluation), naming the record.
+BAD_RECORDS = (BadRecord, records.CorruptRecord)
 
 
 class SplitView:
@@ -111,7 +108,6 @@ class BatchReader:
 
   def permutation(self, epoch: int) -> np.ndarray:
     if self._perm[0] != epoch:   # one epoch's order, cached in the worker
-      from lib.data.order import epoch_permutation
       self._perm = (epoch, epoch_permutation(self.seed, epoch, len(self.split),
                                              self.steps_per_epoch, self.batch_size))
     return self._perm[1]
@@ -127,19 +123,15 @@ class BatchReader:
         try:
           image, label = self.split[idx]
           where = f'{self.split.name} example {idx}'
-          image = self.transform(np.asarray(image), lambda: _rng(self.seed, epoch, idx), where)
+          image = self.transform(np.asarray(image), lambda: transforms.example_rng(self.seed, epoch, idx), where)
           break
-        except _bad_record_types() as e:
+        except BAD_RECORDS as e:
           bad.append((idx, str(e)))
       else:
         raise UserError(f'no example of {self.split.name} can be read')
       images.append(image)
       labels.append(label)
     return {'images': np.stack(images), 'labels': np.asarray(labels, np.int32), 'bad': bad}
-
-
-def _rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-  return transforms.example_rng(seed, epoch, index)
 
 
 class EvalReader:
@@ -160,7 +152,7 @@ class EvalReader:
         try:
           image, label = self.split[pos]
           image = self.transform(np.asarray(image), None, f'{self.split.name} example {pos}')
-        except _bad_record_types() as e:
+        except BAD_RECORDS as e:
           bad.append((pos, str(e)))
           image, label, ok = None, 0, False
       images.append(image)

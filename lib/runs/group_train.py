@@ -42,7 +42,7 @@ def plan_programs(configs: Sequence, dataset, devices, mode: str, max_arms: int 
   n = len(configs)
   sizes = arms_lib.chunk_sizes(n, max_arms or n)
   budget = sharding.agree(memory_budget if memory_budget is not None
-                      else ve.device_memory_budget(devices))
+                          else device.memory_budget(devices))
   while True:   # memory grows about linearly with the arms: one or two compiles
     eng = ve.VectorEngine(configs[:sizes[0]], dataset, devices, mode)
     need = eng.bytes_per_device()

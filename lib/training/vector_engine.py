@@ -20,7 +20,6 @@ A boolean `active` per arm freezes arms that have finished or have not caught
 up yet (a group resumed from checkpoints of different steps).
 """
 import json
-import os
 from typing import Dict, List, Optional, Sequence
 
 import jax
@@ -30,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lib.core import cache, factors, sharding
 from lib.core import config as config_lib
-from lib.data import device
+from lib.data.order import epoch_permutation
 from lib.model import models
 from lib.training import engine, steps
 from lib.training import arms as arms_lib
@@ -216,7 +215,7 @@ class VectorEngine:
 
   def epoch_indices(self, epoch: int) -> jax.Array:
     """(arms, steps, batch): each arm's own shuffle of this epoch."""
-    per_arm = [device.epoch_permutation(c.seed, epoch, self.dataset.num_examples('train'),
+    per_arm = [epoch_permutation(c.seed, epoch, self.dataset.num_examples('train'),
                                         self.steps_per_epoch, c.train.batch_size)
                for c in self.configs]
     return sharding.to_global(np.stack(per_arm), self._indices_sharding)
@@ -294,7 +293,3 @@ def _compiled(key: str, compile_fn):
   """A compiled program, shared by engines of the same program (the programs a
   group is split into for memory), kept by the process cache (lib/core/cache.py)."""
   return cache.process_cache().program(key, compile_fn)
-
-
-# The budget of one device (lib/data/device.py), here since the memory check of groups.
-device_memory_budget = device.memory_budget
