@@ -281,12 +281,12 @@ def _load_records(data_config) -> RecordDataset:
     if not data_config.name:
       raise UserError('data.source=tfds needs --config.data.name=<tfds name, e.g. imagenet2012>')
     train, test, num_classes = _tfds_streamed(data_config)
-  elif SOURCES.get(data_config.source).defaults.get('streamed'):
-    train, test, num_classes = SOURCES.get(data_config.source).fn(data_config)
-  else:   # arrays in memory, resized on the host all the same
-    train, test, num_classes = SOURCES.get(data_config.source).fn(data_config)
-    train = records.ArraySource(*train, num_classes, 'train')
-    test = records.ArraySource(*test, num_classes, 'test') if test is not None else None
+  else:
+    entry = SOURCES.get(data_config.source)
+    train, test, num_classes = entry.fn(data_config)
+    if not entry.defaults.get('streamed'):   # arrays in memory, resized on the host all the same
+      train = records.ArraySource(*train, num_classes, 'train')
+      test = records.ArraySource(*test, num_classes, 'test') if test is not None else None
   tr, va = split_train_val(len(train), data_config.val_fraction, data_config.split_seed)
   if len(va) == 0:
     raise UserError(f'data.val_fraction={data_config.val_fraction} leaves no validation '
@@ -318,8 +318,9 @@ def _stat_sample(split, size: int, n: int = 256) -> np.ndarray:
   if not images:
     raise UserError(f'no image of {split.name} can be read')
   if not size and len(shapes) > 1:
-    raise UserError(f'{split.name} has images of several sizes ({", ".join(map(str, sorted(shapes)[:3]))}'
-                    ', ...): set --config.data.image_size=<model input size> to resize them')
+    some = ', '.join(map(str, sorted(shapes)[:3]))
+    raise UserError(f'{split.name} has images of several sizes ({some}, ...): set '
+                    '--config.data.image_size=<model input size> to resize them')
   return np.stack(images)
 
 
