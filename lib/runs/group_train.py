@@ -88,7 +88,8 @@ def train_group(configs: Sequence, workdirs: Sequence[str], *, logs: Optional[Se
   if pipeline == 'stream':   # arms gather from one resident split; streamed runs go alone
     log(f'input pipeline: stream ({why}): vectorized arms need the resident pipeline; '
         f'training the {n} runs one after another')
-    return [_train_alone(b, workdir, log_i, h, stop_after_step)
+    return [train_and_evaluate(b.config, workdir, log=log_i, hparams=h,   # as launch.train
+                               stop_after_step=stop_after_step)
             for b, workdir, log_i, h in zip(books, workdirs, logs, hparams or [None] * n)]
   total = first.train.epochs * device.steps_per_epoch(first, dataset)
   batch = first.train.batch_size
@@ -129,10 +130,3 @@ def train_group(configs: Sequence, workdirs: Sequence[str], *, logs: Optional[Se
     for b in books:
       b.release()
   return [ended.get(i, r) for i, r in enumerate(results)]
-
-
-
-def _train_alone(book: RunBook, workdir: str, log: Callable, hparams, stop_after_step):
-  """One arm as its own run (train_and_evaluate), as launch.train would train it."""
-  return train_and_evaluate(book.config, workdir, log=log, hparams=hparams,
-                            stop_after_step=stop_after_step)
