@@ -15,6 +15,7 @@ from absl import flags
 
 from experiments import imagenet_resnet, quickstart
 from lib.core import cli
+from lib.core.errors import UserError
 from lib.data import datasets as data
 from lib.diagnostics import benchmark
 
@@ -46,8 +47,15 @@ _SWEEP_ARMS = flags.DEFINE_integer('sweep_arms', 8, 'With --arms: also time a wh
                                    '(0: skip).')
 
 
+STREAMS = ('imagenet_local', 'resnet20_cifar')
+
+
 def main(argv):
   del argv
+  for name in _STREAM.value:   # checked before anything is measured
+    if name not in STREAMS or (name == 'resnet20_cifar' and not _CIFAR.value):
+      raise UserError(f'unknown --stream entry {name!r} (resnet20_cifar needs --cifar_dir); '
+                      f'valid: {", ".join(STREAMS)}')
   devices = jax.devices()
   machine = f'{len(devices)} x {devices[0].device_kind} ({platform.processor() or platform.machine()})'
   print(f'machine: {machine}, jax {jax.__version__}', flush=True)
@@ -115,13 +123,7 @@ def main(argv):
     print(f'\n{"stream input":<30} {"workers":>7} {"pipeline ex/s":>13} {"train ex/s":>10} '
           f'{"waiting":>8}')
   for name in _STREAM.value:
-    if name == 'imagenet_local':
-      c = imagenet_resnet.get_config('local')
-    elif name == 'resnet20_cifar' and _CIFAR.value:
-      c = real[-1]
-    else:
-      raise ValueError(f'unknown --stream entry {name!r} (resnet20_cifar needs --cifar_dir); '
-                       'valid: imagenet_local, resnet20_cifar')
+    c = imagenet_resnet.get_config('local') if name == 'imagenet_local' else real[-1]
     r = benchmark.stream_input(c)
     streams.append({**r, 'benchmark': name})
     print(f'{r["model"] + " on " + r["data"]:<30} {r["workers"]:>7} '

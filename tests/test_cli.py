@@ -93,3 +93,12 @@ def test_unknown_experiment_variant_is_one_line(tmp_path):
                       f'--workdir={tmp_path / "w"}')
   assert rc == 1 and len(err) == 1 and 'unknown variant gpu; valid: local' in err[0]
   assert 'Traceback' not in err[0] and not (tmp_path / 'w').exists()
+
+
+def test_unknown_benchmark_stream_is_one_line_before_anything_is_measured():
+  rc, out, err = launch('benchmark', '--stream=imagenet_local,bogus')
+  assert rc == 1 and err == ["error: unknown --stream entry 'bogus' (resnet20_cifar needs "
+                             "--cifar_dir); valid: imagenet_local, resnet20_cifar"]
+  assert out == ''
+  rc, _, err = launch('benchmark', '--stream=resnet20_cifar')
+  assert rc == 1 and len(err) == 1 and "'resnet20_cifar'" in err[0]
