@@ -12,7 +12,9 @@ rest of the code derives from it:
   * arm grouping (lib/training/arms.py): a traced key, an `init` key (used only to draw the
     initial weights) or a `stop` key (when a run ends) may differ between the arms
     of one program; an arm that has the factor off in a program that has it on
-    gets `identity` (the off value unless said otherwise); a key `of` another
+    gets `identity` (the off value unless said otherwise), except for a `switch`,
+    whose being on adds to the state or the model: arms of one program then agree
+    on whether it is on, and differ only in its value; a key `of` another
     factor means nothing while that factor is off, so it does not keep arms apart;
   * the README's factor table (`markdown_table`, kept current by a test).
 
@@ -51,10 +53,15 @@ class Factor:
   of: str = ''                # the factor without which this key means nothing
   default: Any = None         # the config default where it is not `off` (optim.lr)
   choices: Tuple[str, ...] = ()  # the valid values of a named choice
+  # A traced strength whose being on adds to the state or the model (an EMA of the
+  # weights, a reference to tie them to, an auxiliary head): arms of one program may
+  # differ in its value only if all of them have it on, or all off.
+  switch: bool = False
 
   def __post_init__(self):
     assert self.site in SITES, (self.key, self.site)
     assert self.key.count('.') == 1, self.key
+    assert self.traced or not self.switch, self.key
 
   @property
   def section(self) -> str:
@@ -275,6 +282,11 @@ def program_free_keys() -> Tuple[str, ...]:
   return tuple(f.key for f in FACTORS.values() if f.program_free)
 
 
+def switches() -> Tuple[str, ...]:
+  """The traced keys whose on/off arms of one program must agree on."""
+  return tuple(f.key for f in FACTORS.values() if f.switch)
+
+
 def dependents() -> Dict[str, str]:
   """A key -> the factor without which it means nothing."""
   return {f.key: f.of for f in FACTORS.values() if f.of}
@@ -287,7 +299,8 @@ def markdown_table() -> str:
   for f in FACTORS.values():
     values = f.values or 'a name of the first column'
     off = f'`{f.initial}`' if f.off is not None else f'none (default `{f.initial}`)'
-    shared = ('yes (an array)' if f.traced else 'yes (init only)' if f.site == 'init' else
+    shared = ('yes, among arms that have it on (an array)' if f.switch else
+              'yes (an array)' if f.traced else 'yes (init only)' if f.site == 'init' else
               'yes' if f.site == 'stop' else 'no (shapes the program)')
     if f.of:
       shared += f'; free while `{f.of}` is off'

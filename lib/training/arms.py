@@ -17,7 +17,9 @@ augmentations are on, ...) and differ only in
 A strength that is off in one arm and on in another puts the operation in the
 program for all of them; the arm that has it off gets its identity value
 (rate 0, std 0, alpha 0, p_L 1, resized-crop scale 1), so it computes what its
-own run would. A key that means nothing while its factor is off
+own run would. A strength whose being on adds to the state or the model (a
+`switch` factor: EMA weights, tied weights' reference, auxiliary heads) groups
+arms that all have it on (or all off), which may differ in its value. A key that means nothing while its factor is off
 (`regularize.dropout_at` without dropout, `augment.cutout_patches` without
 cutout) does not keep arms apart.
 """
@@ -45,7 +47,11 @@ def signature(config_dict: Dict[str, Any]) -> Dict[str, str]:
   """The flattened keys (values as JSON) that must be equal for runs to share a
   program, leaving out the dependent keys (factors.dependents) (see `group`)."""
   skip = set(varying_keys()) | set(factors.dependents())
-  return {k: json.dumps(v) for k, v in config_lib.flatten(config_dict).items() if k not in skip}
+  flat = config_lib.flatten(config_dict)
+  out = {k: json.dumps(v) for k, v in flat.items() if k not in skip}
+  for k in factors.switches():   # its value is free, whether it is on is not
+    out[k + ':on'] = json.dumps(factors.is_on(k, flat[k]))
+  return out
 
 
 def _dependents(config_dict: Dict[str, Any]) -> Dict[str, Any]:
