@@ -1,7 +1,9 @@
 """Evaluate a checkpoint: python -m launch.eval --workdir=W [--checkpoint=best|latest|STEP]
-[--split=val|test] [--tta=none|flip|crops] [--data_source=npz|cifar_dir --data_path=P]
+[--split=val|test] [--tta=none|flip|crops] [--weights=auto|ema|raw]
+[--data_source=npz|cifar_dir --data_path=P]
 
-Prints one JSON line last: {"accuracy", "loss", "num_examples", "step"}.
+Prints one JSON line last: {"accuracy", "loss", "num_examples", "step"} (+ "weights" for a
+run with train.ema_decay on).
 """
 import json
 import sys
@@ -17,6 +19,10 @@ _SPLIT = flags.DEFINE_enum('split', 'val', ['val', 'test', 'train'], 'Split to e
 _TTA = flags.DEFINE_enum('tta', None, ['none', 'flip', 'crops'],
                          'Test-time augmentation: flip averaging, or 10 crops (corners + centre, '
                          'each with its flip). Default: the run\'s train.eval_tta.')
+_WEIGHTS = flags.DEFINE_enum('weights', 'auto', ['auto', 'ema', 'raw'],
+                             'raw: the trained weights; ema: their moving average (runs with '
+                             'train.ema_decay on); auto: the ones that picked the best checkpoint '
+                             '(train.select_by).')
 _SOURCE = flags.DEFINE_string('data_source', None, 'Evaluate on another data source '
                               '(npz, cifar_dir, tfds) of the same image shape.')
 _PATH = flags.DEFINE_string('data_path', None, 'Path for --data_source.')
@@ -34,7 +40,8 @@ def main(argv):
     sys.exit(status)
   sharding.initialize_distributed(_DISTRIBUTED.value)
   result = evaluate.evaluate_checkpoint(_WORKDIR.value, _CHECKPOINT.value, _SPLIT.value,
-                                        _TTA.value, _SOURCE.value, _PATH.value)
+                                        _TTA.value, _SOURCE.value, _PATH.value,
+                                        weights=_WEIGHTS.value)
   print(json.dumps(result), flush=True)
 
 

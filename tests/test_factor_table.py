@@ -53,8 +53,13 @@ def test_every_factor_is_a_config_key_at_its_off_value_and_derivations_agree():
   assert {'seed', 'regularize.dropout', 'model.init', 'train.early_stop_patience',
           'train.log_every'} <= free
   assert not free & {'augment.flip', 'model.norm', 'regularize.dropout_at', 'train.epochs'}
-  assert factors.dependents() == {'regularize.dropout_at': 'regularize.dropout',
-                                  'augment.cutout_patches': 'augment.cutout_size'}
+  deps = factors.dependents()
+  assert {'regularize.dropout_at': 'regularize.dropout',
+          'augment.cutout_patches': 'augment.cutout_size',
+          'train.ema_warmup': 'train.ema_decay'}.items() <= deps.items()
+  assert all(c in factors.FACTORS and factors.FACTORS[c].off is not None for c in deps.values())
+  # a switch strength: arms differ in its value, but all have it on or all off
+  assert {'train.ema_decay', 'regularize.tie_l2'} <= set(factors.switches()) <= free
 
 
 def test_a_new_factor_is_validated(tint):

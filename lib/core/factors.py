@@ -160,6 +160,15 @@ declare('regularize.decay_all_params', False,
 declare('regularize.activation_l1', 0.0,
         'activation sparsity `alpha * sum abs(h)` (per example, all hidden activations)', 'loss',
         _nonneg, traced=True)
+declare('regularize.tie_l2', 0.0,
+        'parameter tying to a reference (L2-SP): `lambda/2 * sum (w - w_ref)^2` over the kernels '
+        '(every parameter with `decay_all_params`)', 'loss', _nonneg, traced=True, switch=True)
+declare('regularize.tie_to', 'init',
+        'the reference of `tie_l2`: `init` (this run\'s initial weights) or `WORKDIR[:best|latest|'
+        'STEP]`, another run of the same architecture (default `best`), loaded once',
+        'loss', (lambda v: isinstance(v, str) and v.strip() != '',
+                 '`init` or a run directory, optionally `:best`, `:latest` or `:STEP`'),
+        of='regularize.tie_l2')
 declare('regularize.dropout', 0.0, 'inverted dropout', 'model', in_range(0, 1), traced=True)
 declare('regularize.dropout_at', 'head',
         'where dropout acts: `head` (before the classifier), `hidden` (+ after every hidden FC '
@@ -205,6 +214,18 @@ declare('augment.cutmix_alpha', 0.0,
         'p = 1/2)', 'mix', _nonneg, traced=True)
 declare('train.loss', 'cross_entropy',
         'loss: `cross_entropy`, `hinge` (multiclass SVM, margin 1), `squared_hinge`', 'loss')
+declare('train.ema_decay', 0.0,
+        'EMA (Polyak averaging) of the weights and batch statistics, `ema = d * ema + (1 - d) * w` '
+        'after every step, evaluated (`val_accuracy_ema`) and checkpointed beside the raw weights',
+        'optimizer', in_range(0, 1), traced=True, switch=True)
+declare('train.ema_warmup', 'none',
+        'EMA decay warmup: `none`, or `timm` (ModelEmaV3: update u uses `min(d, 1 - u^(-2/3))`, '
+        'so the first update copies the weights)', 'optimizer', choices=('none', 'timm'),
+        of='train.ema_decay')
+declare('train.select_by', 'ema',
+        'with EMA on, which weights pick the best checkpoint, drive early stopping, give '
+        '`best_val_accuracy` and are what `launch.eval` restores by default: `ema` or `raw`',
+        'stop', choices=('ema', 'raw'), of='train.ema_decay')
 declare('train.early_stop_patience', 0,
         'early stopping: stop after N evaluations without a new best val accuracy; the best '
         'checkpoint is kept and is what `launch.eval` uses', 'stop', _nonneg)

@@ -16,6 +16,7 @@ a bad disk block) costs one evaluation interval, not the run: `restore_latest`
 restores the one before and then moves the bad one to W/archive/ (never deletes
 it). If none restores, nothing is moved: the cause may not be the files.
 """
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -83,6 +84,17 @@ def _barrier_prefix(directory: str) -> str:
   return f'ckpt-{digest}-{_OPENED[directory]}'
 
 
+def _fields(state):
+  """A train state as the checkpoint holds it: a dict of its fields, without those
+  that are None (the moving average of a run without train.ema_decay). So a field
+  added to the state for an option leaves the checkpoints of runs without it what
+  they were, and checkpoints written before it existed restore."""
+  if not dataclasses.is_dataclass(state):
+    return state
+  return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+          if getattr(state, f.name) is not None}
+
+
 def _best_metric(metrics):
   return metrics[BEST_METRIC]
 
@@ -118,7 +130,8 @@ class Checkpoints:
     if fault == 'enospc':
       faults.perform(fault, self.directory)
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), metrics=metrics)
+        state=ocp.args.StandardSave(_fields(state)), meta=ocp.args.JsonSave(meta)),
+        metrics=metrics)
     faults.perform(fault, self.directory)   # kill: while the background write is under way
 
   def steps(self):
@@ -149,8 +162,11 @@ class Checkpoints:
   def restore(self, step: int, abstract_state) -> Tuple[Any, Dict[str, Any]]:
     self.wait()
     out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    return out['state'], out['meta']
+        state=ocp.args.StandardRestore(_fields(abstract_state)), meta=ocp.args.JsonRestore()))
+    state = out['state']
+    if dataclasses.is_dataclass(abstract_state):
+      state = dataclasses.replace(abstract_state, **state)
+    return state, out['meta']
 
   def restore_latest(self, abstract_state, archive_dir: str, log: Callable[[str], None],
                      primary: bool = True) -> Optional[Tuple[int, Any, Dict[str, Any]]]:

@@ -10,20 +10,29 @@ from lib.core.errors import UserError
 from lib.data import datasets as data
 from lib.runs.checkpoint import Checkpoints
 from lib.runs.rundir import RunDir
+from lib.runs.runbook import selection_key
 from lib.training import arms, engine
+from lib.training import state as state_lib
 
 
 def evaluate_checkpoint(workdir: str, checkpoint: str = 'best', split: str = 'val',
                         tta: Optional[str] = None, data_source: Optional[str] = None,
-                        data_path: Optional[str] = None, mesh=None) -> Dict[str, Any]:
-  """Returns {"accuracy", "loss", "num_examples", "step"} for the chosen checkpoint,
-  with "top5_accuracy" after "accuracy" for datasets of more than 10 classes.
+                        data_path: Optional[str] = None, mesh=None,
+                        weights: str = 'auto') -> Dict[str, Any]:
+  """Returns {"accuracy", "loss", "num_examples", "step"} for the chosen checkpoint, with
+  "top5_accuracy" after "accuracy" for datasets of more than 10 classes and "weights"
+  last for a run that kept a moving average of its weights.
+
+  `weights`: `raw` (the trained weights), `ema` (their moving average, a run with
+  train.ema_decay on) or `auto`, the ones that selected the run's best checkpoint
+  (train.select_by: the moving average's by default where there is one).
 
   data_source/data_path evaluate on another dataset of the same image shape,
   normalized with the statistics of the run's own training split.
   """
   rundir = RunDir(workdir)
   config = config_lib.from_json_dict(rundir.read_config())
+  weights = _weights(config, weights, workdir)
   checkpoints = Checkpoints(rundir.checkpoint_dir, read_only=True)
   step = checkpoints.resolve(checkpoint)
   meta = checkpoints.restore_meta(step)
@@ -43,11 +52,28 @@ def evaluate_checkpoint(workdir: str, checkpoint: str = 'best', split: str = 'va
   mesh = mesh if mesh is not None else sharding.make_mesh()
   eng = _engine(config, dataset, mesh, meta)
   state, _ = checkpoints.restore(step, eng.abstract_state())
-  result = eng.evaluate(state, split, tta)
+  result = eng.evaluate(state_lib.ema_view(state, weights), split, tta)
   checkpoints.close()
   top5 = {'top5_accuracy': result['top5_accuracy']} if 'top5_accuracy' in result else {}
   return {'accuracy': result['accuracy'], **top5, 'loss': result['loss'],
-          'num_examples': result['num_examples'], 'step': step}
+          'num_examples': result['num_examples'], 'step': step,
+          **({'weights': weights} if state_lib.has_ema(config) else {})}
+
+
+WEIGHTS = ('auto', 'ema', 'raw')
+
+
+def _weights(config, weights: str, workdir: str) -> str:
+  """`ema` or `raw`: what `weights` (WEIGHTS) means for this run, or one error line."""
+  if weights not in WEIGHTS:
+    raise UserError(f'--weights={weights!r}; valid: {", ".join(WEIGHTS)}')
+  ema = state_lib.has_ema(config)
+  if weights == 'auto':
+    return 'ema' if selection_key(config) == 'val_accuracy_ema' else 'raw'
+  if weights == 'ema' and not ema:
+    raise UserError(f'--weights=ema: {workdir} kept no moving average of its weights '
+                    '(train.ema_decay was 0); use --weights=raw')
+  return weights
 
 
 def _engine(config, dataset, mesh, meta) -> engine.Engine:

@@ -31,9 +31,11 @@ import numpy as np
 from lib.core import sharding
 from lib.data import device
 from lib.runs import lock as lock_lib
+from lib.runs import tying
 from lib.runs.checkpoint import NoValidCheckpoint
 from lib.runs.metrics import format_duration, progress_line
 from lib.runs.runbook import RunBook
+from lib.training import state as state_lib
 
 
 class Preempted(Exception):
@@ -95,7 +97,10 @@ def _restore(eng, books: Sequence[RunBook], finished: Dict[int, Dict[str, Any]])
       b.fail(e)
       finished[i] = {'status': 'failed', 'reason': str(e)}
       restored.append(None)
-  return eng.stack([s if s is not None else eng.init_arm(i) for i, s in enumerate(restored)])
+  fresh = [i for i, s in enumerate(restored) if s is None]
+  # The weights regularize.tie_to names, read once (the arms of a program share it).
+  ref = tying.reference(eng.program, eng.abstract_arm_state().params) if fresh else None
+  return eng.stack([s if s is not None else eng.init_arm(i, ref) for i, s in enumerate(restored)])
 
 
 def train_arms(eng, books: Sequence[RunBook], log, *, stop_after_step: Optional[int] = None,
@@ -121,6 +126,7 @@ def train_arms(eng, books: Sequence[RunBook], log, *, stop_after_step: Optional[
   every = [b.config.train.checkpoint_every_s if checkpoint_every_s is None
            else checkpoint_every_s for b in books]
   cfg = eng.program
+  ema = state_lib.has_ema(cfg)   # the arms of one program all keep one, or none do
   meta_base = checkpoint_meta(eng.base)
   batch = cfg.train.batch_size
   sums = eng.zero_sums()
@@ -178,19 +184,23 @@ def train_arms(eng, books: Sequence[RunBook], log, *, stop_after_step: Optional[
         finished[i] = books[i].diverged(done)
     stepped = [i for i in stepped if i not in finished]
     train_evals = eng.evaluate(state, device.TRAIN_EVAL) if stepped else []
+    # The moving average of the weights (train.ema_decay), evaluated beside them.
+    emas = eng.evaluate(state_lib.ema_view(state), 'val') if stepped and ema else [None] * n
+    # The accuracy that picks the best checkpoint and stops early: the EMA's or the weights'.
+    chosen = {i: books[i].chosen(vals[i], emas[i]) for i in stepped}
     stopping = stop_after_step is not None and done >= stop_after_step and done < total
     due = sharding.agree([time.time() - last_resume_point[i] >= every[i] for i in range(n)])
     resume_points = [i for i in stepped if done == total or stopping or due[i]]
     save = [i for i in stepped if i in resume_points
-            or books[i].is_best_checkpoint(vals[i]['accuracy'])
-            or books[i].stops_at(done, vals[i]['accuracy'])]
+            or books[i].is_best_checkpoint(chosen[i])
+            or books[i].stops_at(done, chosen[i])]
     for i in stepped:
-      _evaluated(eng, books[i], i, state, done, losses[i], accs[i], vals[i], train_evals[i],
-                 lrs[i], speed, i in save, meta_base, finished)
+      _evaluated(eng, books[i], i, state, done, losses[i], accs[i], vals[i], emas[i],
+                 train_evals[i], lrs[i], speed, i in save, meta_base, finished)
     for i in resume_points:
       last_resume_point[i] = time.time()
     if stepped and eng.grouped:
-      accs_val = [vals[i]['accuracy'] for i in stepped]
+      accs_val = [chosen[i] for i in stepped]
       log(f'  eval step {done}: val_accuracy {_summary(accs_val)} over {len(stepped)} arms'
           f' ({len(save)} checkpoints saved)')
     sums = eng.zero_sums()
@@ -214,8 +224,9 @@ def train_arms(eng, books: Sequence[RunBook], log, *, stop_after_step: Optional[
 
 
 def _evaluated(eng, book: RunBook, i: int, state, done: int, loss: float, acc: float,
-               val: Dict[str, float], train_eval: Dict[str, float], lr: float, speed: float,
-               save: bool, meta_base: Dict[str, Any], finished: Dict[int, Dict[str, Any]]):
+               val: Dict[str, float], val_ema: Optional[Dict[str, float]],
+               train_eval: Dict[str, float], lr: float, speed: float, save: bool,
+               meta_base: Dict[str, Any], finished: Dict[int, Dict[str, Any]]):
   """Arm i's evaluation written: its metrics row, histograms, checkpoint (`save`)
   and early stopping."""
   histograms, arm_state = None, None
@@ -226,7 +237,7 @@ def _evaluated(eng, book: RunBook, i: int, state, done: int, loss: float, acc: f
     histograms = (jax.device_get(arm_state.params), eng.base.activations(arm_state))
   try:
     row = book.log_eval(done, eng.steps_per_epoch, loss, acc, val, train_eval, lr, speed,
-                        histograms)
+                        histograms, val_ema)
     if save:
       book.save(row, arm_state, meta_base)   # asynchronous: returns once off the devices
   except lock_lib.LockHeld as e:
@@ -240,6 +251,6 @@ def _evaluated(eng, book: RunBook, i: int, state, done: int, loss: float, acc: f
     return
   finally:
     del arm_state
-  status = book.stop_early(done, val['accuracy'])
+  status = book.stop_early(done, book.chosen(val, val_ema))
   if status is not None:
     finished[i] = status

@@ -32,6 +32,15 @@ from lib.runs.rundir import RunDir
 from lib.training import resolve as resolve_lib
 
 
+def selection_key(config) -> str:
+  """The metrics column that picks a run's best checkpoint and gives its
+  best_val_accuracy: the moving average's with train.ema_decay on and
+  train.select_by=ema, else the weights'."""
+  if config.train.ema_decay > 0 and config.train.select_by == 'ema':
+    return 'val_accuracy_ema'
+  return 'val_accuracy'
+
+
 class RunBook:
 
   def __init__(self, config, workdir: str, *, fresh: bool = False, log=echo,
@@ -51,6 +60,7 @@ class RunBook:
     self.lock: Optional[lock_lib.RunLock] = None
     self.start, self.wall_offset, self.total = 0, 0.0, 0
     self.best_acc, self.since_best = -1.0, 0
+    self.best_key = selection_key(self.config)
 
   def _read_previous(self) -> None:
     """Whether the workdir holds this config's run, and its last status (reads only)."""
@@ -155,7 +165,7 @@ class RunBook:
       self.rundir.drop_metrics_after(self.start)
     for row in (self.rundir.read_metrics() if self.resume else []):
       if row['step'] <= self.start:
-        self._update_best(row['val_accuracy'])
+        self._update_best(row[self.best_key])
     patience = self.config.train.early_stop_patience
     if patience and self.since_best >= patience and self.start < self.total:
       self.log(f'early stop at step {self.start}: no new best val_accuracy in {patience} '
@@ -174,30 +184,42 @@ class RunBook:
   # ----- at an evaluation -----
   def log_eval(self, done: int, steps_per_epoch: int, train_loss: float, train_acc: float,
                val: Dict[str, float], train_eval: Dict[str, float], lr: float,
-               examples_per_sec: float, histograms=None) -> Dict[str, Any]:
+               examples_per_sec: float, histograms=None,
+               val_ema: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
     """Appends the evaluation's row to metrics.jsonl and TensorBoard (and the
     histograms: a (params, activations) pair of host values). train_loss/acc are the
     running means since the last evaluation (under augmentation and regularization);
     `train_eval` is the fixed training subset evaluated as val is. Their top5_accuracy
     (datasets of more than 10 classes) becomes train_eval_top5_accuracy and
-    val_top5_accuracy, each beside its accuracy."""
+    val_top5_accuracy, each beside its accuracy. `val_ema` (train.ema_decay on): the
+    moving average's val_loss_ema, val_accuracy_ema (val_top5_accuracy_ema)."""
     row = {'step': done, 'epoch': done / steps_per_epoch,
            'running_train_loss': train_loss, 'running_train_accuracy': train_acc}
     for prefix, result in (('train_eval', train_eval), ('val', val)):
       row[f'{prefix}_loss'], row[f'{prefix}_accuracy'] = result['loss'], result['accuracy']
       if 'top5_accuracy' in result:
         row[f'{prefix}_top5_accuracy'] = result['top5_accuracy']
+    if val_ema is not None:
+      row['val_loss_ema'], row['val_accuracy_ema'] = val_ema['loss'], val_ema['accuracy']
+      if 'top5_accuracy' in val_ema:
+        row['val_top5_accuracy_ema'] = val_ema['top5_accuracy']
     row.update({'lr': lr, 'examples_per_sec': examples_per_sec,
                 'wall_time': self.wall_offset + time.time() - self.run_start})
     top5 = f' val_top5_accuracy {val["top5_accuracy"]:.4f}' if 'top5_accuracy' in val else ''
+    ema = '' if val_ema is None else f' | val_accuracy_ema {val_ema["accuracy"]:.4f}'
     self.log(f'  eval step {done}: val_loss {val["loss"]:.4f} val_accuracy {val["accuracy"]:.4f}'
-             f'{top5} | train_eval_accuracy {train_eval["accuracy"]:.4f}')
+             f'{top5}{ema} | train_eval_accuracy {train_eval["accuracy"]:.4f}')
     self._check_lock()   # another process took the run over: write nothing more
     if self.primary:
       self.writer.write(row)
       if histograms is not None:
         self.writer.histograms(done, *histograms)
     return row
+
+  def chosen(self, val: Dict[str, float], val_ema: Optional[Dict[str, float]]) -> float:
+    """The val accuracy that selects checkpoints and stops early: the moving
+    average's when train.select_by says so (train.ema_decay on), else the weights'."""
+    return val_ema['accuracy'] if self.best_key == 'val_accuracy_ema' else val['accuracy']
 
   def is_new_best(self, val_accuracy: float) -> bool:
     return val_accuracy > self.best_acc
@@ -219,7 +241,8 @@ class RunBook:
     self.checkpoints.save(row['step'], state,
                           {**meta_base, 'step': row['step'], 'epoch': row['epoch'],
                            'wall_time': row['wall_time']},
-                          {'val_accuracy': row['val_accuracy'], 'val_loss': row['val_loss']})
+                          {'val_accuracy': row[self.best_key],
+                           'val_loss': row[self.best_key.replace('accuracy', 'loss')]})
 
   def stop_early(self, done: int, val_accuracy: float) -> Optional[Dict[str, Any]]:
     """Counts this evaluation for early stopping; the final status if the run stops here."""
@@ -280,8 +303,10 @@ class RunBook:
               'best_step': best, 'stopped_early': stopped_early}
     if self.primary:
       rows = {r['step']: r for r in self.rundir.read_metrics()}
-      status['best_val_accuracy'] = rows.get(best, {}).get('val_accuracy')
-      status['final_val_accuracy'] = rows.get(final, {}).get('val_accuracy')
+      status['best_val_accuracy'] = rows.get(best, {}).get(self.best_key)
+      status['final_val_accuracy'] = rows.get(final, {}).get(self.best_key)
+      if self.best_key != 'val_accuracy':
+        status['selected_by'] = self.best_key
       self.rundir.set_status('done', **status)
       took = f' in {format_duration(seconds)}' if seconds is not None else ''
       self.log(f'done{took}: final val_accuracy {status["final_val_accuracy"]:.4f}, '

@@ -33,8 +33,8 @@ class SingleArm:
   def abstract_arm_state(self):
     return self.base.abstract_state()
 
-  def init_arm(self, i: int):
-    self._fresh = self.base.init_state()
+  def init_arm(self, i: int, reference=None):
+    self._fresh = self.base.init_state(reference)
     return self._fresh
 
   def stack(self, arm_states):

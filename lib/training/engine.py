@@ -68,12 +68,15 @@ class Engine:
     self.eval_batch = self.data.eval_batch
 
   # ----- state -----
-  def _init(self, hparams):
+  def _init(self, hparams, reference=None):
     return state_lib.init_state(self.model, self.tx_build, hparams, self.config.seed,
-                            self.dataset.image_shape)
+                                self.dataset.image_shape, ema=state_lib.has_ema(self.config),
+                                tie=state_lib.has_anchor(self.config), reference=reference)
 
-  def init_state(self) -> state_lib.TrainState:
-    return jax.jit(self._init, out_shardings=self.rep)(self.hparams)
+  def init_state(self, reference=None) -> state_lib.TrainState:
+    """The state at step 0; `reference`: the params regularize.tie_l2 ties the weights
+    to when they are another run's (lib/runs/tying.py)."""
+    return jax.jit(self._init, out_shardings=self.rep)(self.hparams, reference)
 
   def owned(self, tree):
     """A copy in XLA-owned buffers (safe to donate; a restored array may alias host memory)."""

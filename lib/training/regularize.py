@@ -13,6 +13,8 @@ are comes in `hparams` as float32 arrays, so one program serves every strength.
     mask per step for the whole batch), so evaluation uses the plain weights;
   * weight noise: w + std * N(0, 1) on every conv/dense kernel at train time;
   * FGSM adversarial inputs (`fgsm`);
+  * parameter tying (`tie_penalty`, regularize.tie_l2): lambda/2 ||w - w_ref||^2 to
+    a reference kept in the train state (its initial weights, or another run's);
   * label smoothing, Gaussian input noise, dropout,
     hidden-unit noise and stochastic depth are applied where they act (lib/training/steps.py,
     lib/model/layers.py).
@@ -78,6 +80,16 @@ def l1_penalty(params, mask):
   """sum |w| over the masked leaves (multiply by lambda)."""
   leaves = [jnp.sum(jnp.abs(p.astype(jnp.promote_types(p.dtype, jnp.float32))))
             for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if m]
+  return sum(leaves) if leaves else jnp.zeros((), jnp.float32)
+
+
+def tie_penalty(params, anchor, mask):
+  """1/2 sum (w - w_ref)^2 over the masked leaves (multiply by lambda): L2-SP (Li et
+  al. 2018), the penalty between a model's weights and a reference's. Its gradient
+  is w - w_ref (the reference is not trained: the step differentiates the params only)."""
+  leaves = [0.5 * jnp.sum(jnp.square((p - a).astype(jnp.promote_types(p.dtype, jnp.float32))))
+            for p, a, m in zip(jax.tree.leaves(params), jax.tree.leaves(anchor),
+                               jax.tree.leaves(mask)) if m]
   return sum(leaves) if leaves else jnp.zeros((), jnp.float32)
 
 

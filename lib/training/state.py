@@ -1,7 +1,9 @@
 """The train state and its randomness.
 
-The state is one pytree (`TrainState`): step, params, batch_stats, opt_state and
-the run's root key. Per step: key = fold_in(state.rng, state.step), then one
+The state is one pytree (`TrainState`): step, params, batch_stats, opt_state,
+the run's root key and, with train.ema_decay on, the moving average of the params
+and batch statistics (`ema`), with regularize.tie_l2 on the reference the weights
+are tied to (`anchor`); each None when off, so such a state is what it always was. Per step: key = fold_in(state.rng, state.step), then one
 named fold_in per consumer (`stream`: augment, dropout, ...), so every random
 draw is a function of (seed, step) alone, not of the number of devices.
 """
@@ -24,6 +26,10 @@ class TrainState:
   batch_stats: Any
   opt_state: Any
   rng: jax.Array  # raw uint32[2] key: the run's root for per-step randomness
+  # {'params', 'batch_stats'}: their exponential moving average (train.ema_decay), or None.
+  ema: Any = None
+  # The params that regularize.tie_l2 ties the weights to (their reference), or None.
+  anchor: Any = None
 
 
 def stream(key, name: str):
@@ -35,15 +41,51 @@ def stream(key, name: str):
   return jax.random.fold_in(key, number)
 
 
-def init_state(model, tx_build, hparams, seed: int, image_shape) -> TrainState:
+def init_state(model, tx_build, hparams, seed: int, image_shape, ema: bool = False,
+               tie: bool = False, reference=None) -> TrainState:
+  """The state at step 0; with `ema` its moving average starts at the initial weights;
+  with `tie` its anchor is `reference` (params of the same shapes), or the initial
+  weights where that is None (regularize.tie_to=init)."""
   root = jax.random.PRNGKey(seed)
   init_key, train_key = jax.random.split(root)
   variables = model.init(init_key, jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
   params = variables['params']
+  batch_stats = variables.get('batch_stats', {})
   tx = tx_build(hparams)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get('batch_stats', {}),
-                    opt_state=tx.init(params), rng=train_key)
+  average = {'params': params, 'batch_stats': batch_stats} if ema else None
+  anchor = (params if reference is None else reference) if tie else None
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                    opt_state=tx.init(params), rng=train_key, ema=average, anchor=anchor)
+
+
+def has_ema(config) -> bool:
+  return config.train.ema_decay > 0
+
+
+def has_anchor(config) -> bool:
+  return config.regularize.tie_l2 > 0
+
+
+def ema_decay(decay, warmup: str, update):
+  """The decay of update number `update` (1-based): `decay`, or with warmup `timm`
+  (timm's ModelEmaV3, gamma 1, power 2/3) min(decay, 1 - update^(-2/3)), 0 at the first."""
+  if warmup == 'none':
+    return decay
+  return jnp.minimum(decay, 1.0 - jnp.asarray(update, jnp.float32) ** (-2.0 / 3.0))
+
+
+def update_ema(average, params, batch_stats, decay):
+  """ema = decay * ema + (1 - decay) * new, for the params and the batch statistics."""
+  new = {'params': params, 'batch_stats': batch_stats}
+  return jax.tree.map(lambda a, w: (decay * a + (1.0 - decay) * w).astype(a.dtype), average, new)
+
+
+def ema_view(state: TrainState, weights: str = 'ema') -> TrainState:
+  """The state with its moving average in place of the params and batch statistics
+  (`weights='raw'`: the state itself), so evaluating it evaluates the average."""
+  if weights == 'raw':
+    return state
+  return state.replace(params=state.ema['params'], batch_stats=state.ema['batch_stats'])
 
 
 def zero_sums() -> Dict[str, jax.Array]:

@@ -15,6 +15,7 @@ import optax
 
 from lib.core import factors, sharding
 from lib.training import augment, losses, optim, regularize
+from lib.training import state as state_lib
 from lib.training.eval_step import TTA, make_eval_step, views  # noqa: F401
 from lib.training.state import (RNG_STREAMS, TrainState, init_state, stream,  # noqa: F401
                                 zero_sums)
@@ -52,15 +53,18 @@ def make_batch_step(model, tx_build, config, mesh, mean, std, num_classes: int,
 
   Per step: pixel-space augmentations; normalize; cutout;
   mixup / cutmix; (FGSM) adversarial inputs; input noise; then the loss
-  (train.loss on label-smoothed targets) + L2 + L1 + activation L1 penalties
+  (train.loss on label-smoothed targets) + L2 + L1 + activation L1 + tying penalties
   on a forward pass with DropConnect / weight noise on the kernels and dropout,
-  hidden noise and stochastic depth inside the model.
+  hidden noise and stochastic depth inside the model; after the update, the
+  moving average of the weights (train.ema_decay).
   """
   aug, reg = config.augment, config.regularize
   on = lambda field: factors.on(config, f'regularize.{field}')
   param_transforms = regularize.active(config, 'params')
   penalties = regularize.active(config, 'loss')
   loss_name = config.train.loss
+  ema, ema_warmup = state_lib.has_ema(config), config.train.ema_warmup
+  tie = state_lib.has_anchor(config)
   decay = lambda params: optim.decay_mask(params, reg.decay_all_params)
   batch_sharding = sharding.sharded_along(mesh, 4)
   lo, hi = (0.0 - mean) / std, (1.0 - mean) / std   # the pixel range, normalized
@@ -100,13 +104,20 @@ def make_batch_step(model, tx_build, config, mesh, mean, std, num_classes: int,
       for t in penalties:   # L2 (always), L1, activation L1, ...
         term = t.fn(params, decay(params), new_vars, hp)
         penalty = term if penalty is None else penalty + term
+      if tie:   # to the reference in the state (regularize.tie_to)
+        penalty = penalty + hp['tie_l2'] * regularize.tie_penalty(params, state.anchor,
+                                                                  decay(params))
       return data_loss + penalty, (data_loss, logits, new_vars.get('batch_stats', {}))
 
     (total, (data_loss, logits, batch_stats)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx_build(hp).update(grads, state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                              batch_stats=batch_stats, opt_state=opt_state)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state)
+    if ema:   # Polyak averaging of the new weights (the average is never trained)
+      d = state_lib.ema_decay(hp['ema_decay'], ema_warmup, state.step + 1)
+      new_state = new_state.replace(ema=state_lib.update_ema(state.ema, params, batch_stats, d))
     # Weights that overflow while the loss is still finite are caught at the next
     # evaluation (a non-finite val_loss stops the run before any checkpoint).
     bad = ~jnp.isfinite(total)

@@ -139,16 +139,19 @@ class VectorEngine:
     if options not in self._init_fns:
       model = self.base.model.clone(opts=options)
 
-      def init(hp, seed):
-        return state_lib.init_state(model, self.base.tx_build, hp, seed, self.dataset.image_shape)
+      def init(hp, seed, reference):
+        return state_lib.init_state(model, self.base.tx_build, hp, seed, self.dataset.image_shape,
+                                    ema=state_lib.has_ema(self.program),
+                                    tie=state_lib.has_anchor(self.program), reference=reference)
       self._init_fns[options] = jax.jit(init, out_shardings=self.rep)
     return self._init_fns[options]
 
-  def init_arm(self, i: int):
-    """Arm i's initial state, exactly as its own run would make it."""
+  def init_arm(self, i: int, reference=None):
+    """Arm i's initial state, exactly as its own run would make it (`reference`: the
+    params it is tied to, see Engine.init_state)."""
     c = self.configs[i]
     options = models.Options.from_config(c.model, self.program.regularize)
-    return self._init_fn(options)(self.base.hparams, jnp.int32(c.seed))
+    return self._init_fn(options)(self.base.hparams, jnp.int32(c.seed), reference)
 
   def abstract_arm_state(self):
     """One arm's state shapes with the replicated sharding: a restore target (the
