@@ -17,6 +17,10 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')   # CPU
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
 
 import jax  # noqa: E402  (after the flags above)
+# The backend starts now, with its 4 devices: tests that change XLA_FLAGS for the launches
+# they start (test_faults.py's one_device) must not decide this process's device count by
+# happening to run first (as they did when a subset of modules was run).
+jax.devices()
 import pytest  # noqa: E402
 
 SHARED_CIFAR = os.path.join(ROOT, '..', 'shared', 'data', 'cifar-10-batches-py')
