@@ -32,6 +32,8 @@ _PARALLEL = flags.DEFINE_integer('parallel', 1, 'local: runs at once, as worker 
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the runs and their overrides; launch nothing.')
 _WAIT = flags.DEFINE_bool('wait', True, 'slurm: wait for the jobs, then write the report.')
 _REPORT = flags.DEFINE_bool('report', True, 'Write the report at the end.')
+_ENSEMBLES = flags.DEFINE_bool('ensembles', True, 'The report evaluates the ensemble of each '
+                               'arm\'s seeds (restoring their checkpoints here).')
 _DISTRIBUTED = flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'],
                                  'local: jax.distributed.initialize(), as for launch.train.')
 _TIME = flags.DEFINE_integer('slurm_time', 240, 'Minutes per run (job time limit).')
@@ -115,7 +117,7 @@ def main(argv):
     sys.exit(f'stopped: {e}')
   if _REPORT.value and primary and (_WAIT.value or _EXECUTOR.value == 'local'):
     from lib.sweeps import report
-    report.write_and_print(workdir)
+    report.write_and_print(workdir, ensembles=_ENSEMBLES.value)
 
 
 if __name__ == '__main__':

@@ -121,6 +121,10 @@ def test_launch_eval_restores_either_weights(runs):
   assert ema['loss'] != raw['loss']
   assert evaluate.evaluate_checkpoint(runs['raw'], 'best')['weights'] == 'raw'
   assert 'weights' not in evaluate.evaluate_checkpoint(runs['plain'], 'best')   # as before
+  # an ensemble's member is evaluated with the weights that selected its checkpoint
+  from lib.runs import ensemble
+  one = ensemble.evaluate_ensemble([runs['ema']], ['val'])
+  assert one['ensemble']['val']['loss'] == pytest.approx(auto['loss'], rel=1e-5)
   with pytest.raises(UserError, match='kept no moving average.*--weights=raw'):
     evaluate.evaluate_checkpoint(runs['plain'], 'best', weights='ema')
   out = subprocess.run([sys.executable, '-m', 'launch.eval', f'--workdir={runs["plain"]}',

@@ -9,7 +9,8 @@ rest of the code derives from it:
   * `hparams` carries it into the compiled step as a float32 array when it is
     `traced` (a continuous strength: one program serves every value, and arms of a
     vectorized sweep may differ in it);
-  * arm grouping (lib/training/arms.py): a traced key, an `init` key (used only to draw the
+  * arm grouping (lib/training/arms.py): a traced key, a `data` key (the training order,
+    each arm's own indices), an `init` key (used only to draw the
     initial weights) or a `stop` key (when a run ends) may differ between the arms
     of one program; an arm that has the factor off in a program that has it on
     gets `identity` (the off value unless said otherwise), except for a `switch`,
@@ -20,8 +21,9 @@ rest of the code derives from it:
 
 `site` says where it acts, in the order of the train step:
   pixel -> normalized -> mix -> input -> params / model -> loss -> optimizer,
-plus `init` (the initial weights), `eval` (evaluation only) and `stop` (when a
-run ends). Implementations find the factors of their site here: augmentations
+plus `data` (which training examples each epoch reads: the order of
+lib/data/order.py, an input of the step), `init` (the initial weights), `eval`
+(evaluation only) and `stop` (when a run ends). Implementations find the factors of their site here: augmentations
 register with `lib.training.augment.register(name, keys, stage)`, parameter transforms
 and loss penalties with `lib.training.regularize.register`.
 
@@ -36,8 +38,8 @@ import numpy as np
 
 from lib.core.errors import UserError
 
-SITES = ('pixel', 'normalized', 'mix', 'input', 'params', 'model', 'loss', 'optimizer', 'init',
-         'eval', 'stop')
+SITES = ('data', 'pixel', 'normalized', 'mix', 'input', 'params', 'model', 'loss', 'optimizer',
+         'init', 'eval', 'stop')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +81,7 @@ class Factor:
   @property
   def program_free(self) -> bool:
     """Whether arms of one compiled program may differ in it."""
-    return self.traced or self.site in ('init', 'stop')
+    return self.traced or self.site in ('data', 'init', 'stop')
 
   def arm_identity(self) -> Any:
     return self.off if self.identity is None else self.identity
@@ -149,6 +151,10 @@ def undeclare(key: str) -> None:
 
 # --- the table. Order within a section is the order of keys in config.json. ---
 _nonneg = at_least(0)
+declare('data.bootstrap', False,
+        'bagging: each seed trains on its own bootstrap resample of the training split (n '
+        'draws with replacement, a function of the seed; val and test untouched)', 'data',
+        boolean())
 declare('optim.lr', None, 'peak learning rate (after warmup)', 'optimizer',
         (lambda v: _number(v) and v > 0, 'positive'), traced=True, default=0.1)
 declare('optim.weight_decay', 0.0, 'decoupled weight decay `w -= lr * wd * w` (kernels only)',
@@ -322,6 +328,7 @@ def markdown_table() -> str:
     off = f'`{f.initial}`' if f.off is not None else f'none (default `{f.initial}`)'
     shared = ('yes, among arms that have it on (an array)' if f.switch else
               'yes (an array)' if f.traced else 'yes (init only)' if f.site == 'init' else
+              'yes (per-arm indices)' if f.site == 'data' else
               'yes' if f.site == 'stop' else 'no (shapes the program)')
     if f.of:
       shared += f'; free while `{f.of}` is off'

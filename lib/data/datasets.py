@@ -341,7 +341,8 @@ def load(data_config) -> Dataset:
   (a sweep) reads it once: the process cache (lib/core/cache.py) keeps the last dataset
   loaded, keyed by the config and the modification time of its path."""
   path = os.path.expanduser(data_config.path) if data_config.path else ''
-  key = (repr(sorted(data_config.to_dict().items())),
+  # data.bootstrap only chooses which loaded training examples a run reads (lib/data/order.py).
+  key = (repr(sorted((k, v) for k, v in data_config.to_dict().items() if k != 'bootstrap')),
          os.path.getmtime(path) if path and os.path.exists(path) else None)
   dataset = cache.process_cache().dataset(key, lambda: _load(data_config))
   return dataclasses.replace(dataset)   # callers may set num_classes on their copy

@@ -90,9 +90,12 @@ class DeviceSplits:
                                sharding.to_global(labels, self.rep))
     return self._on_device[name]
 
-  def epoch_indices(self, seed: int, epoch: int, steps: int, batch_size: int):
-    """This epoch's (steps, batch) indices, each step's batch split over the data axis."""
-    idx = epoch_permutation(seed, epoch, self.dataset.num_examples('train'), steps, batch_size)
+  def epoch_indices(self, seed: int, epoch: int, steps: int, batch_size: int,
+                    bootstrap: bool = False):
+    """This epoch's (steps, batch) indices, each step's batch split over the data axis
+    (of the seed's bootstrap resample with `bootstrap`: lib/data/order.py)."""
+    idx = epoch_permutation(seed, epoch, self.dataset.num_examples('train'), steps, batch_size,
+                            bootstrap)
     return sharding.to_global(idx, sharding.sharded_along(self.mesh, 2, axis=1))
 
   def eval_inputs(self, split: str):
@@ -280,7 +283,8 @@ class StreamSplits:
     self.close()
     reader = stream.BatchReader(self.source('train'), self.train_transform, self.config.seed,
                                 self.batch, self.steps_per_epoch,
-                                local_rows(self.mesh, self.batch, self.shape))
+                                local_rows(self.mesh, self.batch, self.shape),
+                                bool(self.config.data.bootstrap))
     it = stream.batches(reader, step, total, self.workers, self.depth)
     self._feed = _Feed(it, lambda item: self._global(item, self.batch), self.depth,
                        lambda item: self._count_bad('train', item))

@@ -97,19 +97,20 @@ class BatchReader:
   {'images': (rows, H, W, C) uint8, 'labels': (rows,) int32, 'bad': [(index, message)]}.
 
   Rows `rows` (a (start, stop) pair) of the step's batch of
-  epoch_permutation(seed, epoch). A record that fails to read is replaced by the
-  next example of the split that reads (and reported in 'bad')."""
+  epoch_permutation(seed, epoch, bootstrap=bootstrap). A record that fails to read is
+  replaced by the next example of the split that reads (and reported in 'bad')."""
 
   def __init__(self, split, transform: HostTransform, seed: int, batch_size: int,
-               steps_per_epoch: int, rows: Tuple[int, int]):
-    self.split, self.transform, self.seed = split, transform, seed
+               steps_per_epoch: int, rows: Tuple[int, int], bootstrap: bool = False):
+    self.split, self.transform, self.seed, self.bootstrap = split, transform, seed, bootstrap
     self.batch_size, self.steps_per_epoch, self.rows = batch_size, steps_per_epoch, rows
     self._perm = (None, None)
 
   def permutation(self, epoch: int) -> np.ndarray:
     if self._perm[0] != epoch:   # one epoch's order, cached in the worker
       self._perm = (epoch, epoch_permutation(self.seed, epoch, len(self.split),
-                                             self.steps_per_epoch, self.batch_size))
+                                             self.steps_per_epoch, self.batch_size,
+                                             self.bootstrap))
     return self._perm[1]
 
   def __call__(self, step: int):

@@ -32,7 +32,7 @@ def evaluate_checkpoint(workdir: str, checkpoint: str = 'best', split: str = 'va
   """
   rundir = RunDir(workdir)
   config = config_lib.from_json_dict(rundir.read_config())
-  weights = _weights(config, weights, workdir)
+  weights = weights_for(config, weights, workdir)
   checkpoints = Checkpoints(rundir.checkpoint_dir, read_only=True)
   step = checkpoints.resolve(checkpoint)
   meta = checkpoints.restore_meta(step)
@@ -63,7 +63,7 @@ def evaluate_checkpoint(workdir: str, checkpoint: str = 'best', split: str = 'va
 WEIGHTS = ('auto', 'ema', 'raw')
 
 
-def _weights(config, weights: str, workdir: str) -> str:
+def weights_for(config, weights: str = 'auto', workdir: str = '') -> str:
   """`ema` or `raw`: what `weights` (WEIGHTS) means for this run, or one error line."""
   if weights not in WEIGHTS:
     raise UserError(f'--weights={weights!r}; valid: {", ".join(WEIGHTS)}')

@@ -6,6 +6,8 @@
                   checkpoints beside it; the difference to the baseline arm, paired over
                   seeds (t-test, raw and Holm-adjusted p; stats.py); ranked; failures listed
   W/*.png         the learning curves, each arm's accuracy, a search's points (plots.py)
+  W/ensembles.csv per arm with two or more finished seeds, the accuracy of the ensemble of
+                  its seeds beside their mean (ensembles.py; also a table in report.md)
 
 Ranking is by a validation metric by default, for every kind of sweep: ranking by test
 accuracy would be selection on the test split, so the test accuracy of each run's best-val
@@ -20,6 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from lib.core.errors import UserError
 from lib.runs.rundir import RunDir
+from lib.sweeps import ensembles as ensembles_lib
 from lib.sweeps.collect import COLUMNS, _csv, _runs, _write_csv, read_csv, results  # noqa: F401
 from lib.sweeps.plots import _plots, _train_curve  # noqa: F401
 from lib.sweeps.stats import (NAN, _finite, holm, mean_ci, paired, summarize,  # noqa: F401
@@ -99,8 +102,9 @@ def _budget(rows) -> str:
   return 'n/a'
 
 
-def write(workdir: str, metric: Optional[str] = None) -> Dict[str, Any]:
-  """Writes results.csv, report.md and the PNGs; returns {metric, summary, lines}."""
+def write(workdir: str, metric: Optional[str] = None, ensembles: bool = True) -> Dict[str, Any]:
+  """Writes results.csv, report.md and the PNGs (and ensembles.csv with `ensembles`,
+  the ensemble of each arm's seeds); returns {metric, summary, lines, ensembles}."""
   manifest, rows = results(workdir)
   for r in rows:
     r['_root'] = workdir
@@ -114,6 +118,7 @@ def write(workdir: str, metric: Optional[str] = None) -> Dict[str, Any]:
   _write_csv(os.path.join(workdir, 'results.csv'), rows, keys)
   plots = _plots(workdir, rows, summary, metric, manifest)
   lines = table(summary, metric, baseline)
+  ens = _ensembles(workdir, rows) if ensembles else []
   md = [f'# Ablation report: {workdir}', '']
   if manifest:
     cmd = f'{manifest["module"]}{":" + manifest["arg"] if manifest.get("arg") else ""}'
@@ -123,6 +128,7 @@ def write(workdir: str, metric: Optional[str] = None) -> Dict[str, Any]:
   done = sum(r['status'] == 'done' for r in rows)
   md += [f'Budget: {_budget(rows)}. Runs: {done} of {len(rows)} done.', '']
   md += explanation(metric, baseline, summary) + lines + ['']
+  md += ensembles_lib.markdown(ens)
   bad = [r for r in rows if r['status'] not in ('done',)]
   if bad:
     md += ['Not finished:', ''] + [f'- `{r["workdir"]}`: {r["status"]}'
@@ -135,7 +141,20 @@ def write(workdir: str, metric: Optional[str] = None) -> Dict[str, Any]:
   with open(os.path.join(workdir, 'report.md'), 'w') as f:
     f.write('\n'.join(md) + '\n')
   return {'metric': metric, 'summary': summary, 'lines': lines, 'plots': plots, 'rows': rows,
-          'warning': test_split_warning(metric)}
+          'warning': test_split_warning(metric), 'ensembles': ens}
+
+
+def _ensembles(workdir: str, rows) -> List[Dict[str, Any]]:
+  """The ensembles of each arm's seeds (ensembles.py), written to ensembles.csv; none in
+  a job of several processes (process 0 alone writes the report: evaluate them
+  afterwards with launch.report W)."""
+  from lib.core import sharding
+  if sharding.joined():
+    return []
+  ens = ensembles_lib.arm_ensembles(workdir, rows)
+  if ens:
+    ensembles_lib.write_csv(workdir, ens)
+  return ens
 
 
 def test_split_warning(metric: str) -> str:
@@ -176,13 +195,18 @@ def explanation(metric: str, baseline: Optional[str], summary) -> List[str]:
   return ([warning, ''] if warning else []) + [text, '']
 
 
-def write_and_print(workdir: str, metric: Optional[str] = None, log=print) -> Dict[str, Any]:
-  out = write(workdir, metric)
+def write_and_print(workdir: str, metric: Optional[str] = None, log=print,
+                    ensembles: bool = True) -> Dict[str, Any]:
+  out = write(workdir, metric, ensembles)
   log('')
   if out['warning']:
     log(out['warning'].replace('**', ''))
   for line in out['lines']:
     log(line)
-  log(f'\nwrote {os.path.join(workdir, "results.csv")}, {os.path.join(workdir, "report.md")}'
-      + ''.join(f', {os.path.join(workdir, p)}' for p in out['plots']))
+  if out['ensembles']:
+    log('\nEnsembles of each arm\'s seeds:')
+    for line in ensembles_lib.table(out['ensembles']):
+      log(line)
+  files = ['results.csv', 'report.md'] + ([ensembles_lib.CSV_FILE] if out['ensembles'] else [])
+  log(f'\nwrote {", ".join(os.path.join(workdir, p) for p in files + out["plots"])}')
   return out

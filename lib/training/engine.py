@@ -93,7 +93,7 @@ class Engine:
 
   def epoch_indices(self, epoch: int) -> jax.Array:
     return self.data.epoch_indices(self.config.seed, epoch, self.steps_per_epoch,
-                                   self.config.train.batch_size)
+                                   self.config.train.batch_size, bool(self.config.data.bootstrap))
 
   def zero_sums(self):
     # Made by XLA, not from host numpy: these buffers are donated to the step,

@@ -3,7 +3,8 @@
 `make_eval_step` sums loss and correct predictions over a padded batch (the
 engine scans it over a whole split), and top-5 correct predictions for datasets
 of more than 10 classes (`reports_top5`); `views` gives the test-time views of
-`train.eval_tta` (none, flip, crops).
+`train.eval_tta` (none, flip, crops). Its two halves, `make_log_probs` (the
+prediction) and `batch_sums`, also serve ensembles of runs (lib/runs/ensemble.py).
 """
 from typing import Callable
 
@@ -45,26 +46,42 @@ def make_eval_step(model, mean, std, tta: str = 'none', top5: bool = False) -> C
   (cross-entropy of the averaged prediction, top-1 and top-5 of it). Crops pad
   in pixel space, with black as in training's random crop.
   """
-  def predict(state, x):
-    return model.apply({'params': state.params, 'batch_stats': state.batch_stats}, x, train=False)
+  log_probs = make_log_probs(model, mean, std, tta)
 
   def eval_step(state, images, labels, idx, mask):
     x = images[idx].astype(jnp.float32) / 255.0
-    y = labels[idx]
-    if tta == 'none':
-      log_probs = jax.nn.log_softmax(predict(state, (x - mean) / std))
-    else:
-      probs = sum(jax.nn.softmax(predict(state, (v - mean) / std)) for v in views(x, tta))
-      log_probs = jnp.log(jnp.maximum(probs / len(views(x[:1], tta)), 1e-30))
-    loss = -jnp.take_along_axis(log_probs, y[:, None], axis=-1)[:, 0]
-    correct = jnp.argmax(log_probs, -1) == y
-    m = mask.astype(jnp.float32)
-    out = {'loss': jnp.sum(loss * m), 'correct': jnp.sum(correct * m), 'count': jnp.sum(m)}
-    if top5:
-      out['correct5'] = jnp.sum(top_k_correct(log_probs, y, TOP_K) * m)
-    return out
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    return batch_sums(log_probs(variables, x), labels[idx], mask, top5)
 
   return eval_step
+
+
+def make_log_probs(model, mean, std, tta: str = 'none') -> Callable:
+  """log_probs(variables, x) -> the (batch, classes) log-probabilities of the model's
+  prediction on pixels x in [0, 1], normalized by mean/std, in evaluation mode (with
+  test-time views, the log of their averaged softmax)."""
+  def predict(variables, x):
+    return model.apply(variables, x, train=False)
+
+  def log_probs(variables, x):
+    if tta == 'none':
+      return jax.nn.log_softmax(predict(variables, (x - mean) / std))
+    probs = sum(jax.nn.softmax(predict(variables, (v - mean) / std)) for v in views(x, tta))
+    return jnp.log(jnp.maximum(probs / len(views(x[:1], tta)), 1e-30))
+
+  return log_probs
+
+
+def batch_sums(log_probs, labels, mask, top5: bool = False):
+  """The sums of one padded batch: loss (cross-entropy of the prediction), correct,
+  count (and correct5 with `top5`) over the examples `mask` keeps."""
+  loss = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+  correct = jnp.argmax(log_probs, -1) == labels
+  m = mask.astype(jnp.float32)
+  out = {'loss': jnp.sum(loss * m), 'correct': jnp.sum(correct * m), 'count': jnp.sum(m)}
+  if top5:
+    out['correct5'] = jnp.sum(top_k_correct(log_probs, labels, TOP_K) * m)
+  return out
 
 
 def top_k_correct(scores, labels, k: int):

@@ -217,9 +217,11 @@ class VectorEngine:
     return state, hp, images, labels, idx, sums, active
 
   def epoch_indices(self, epoch: int) -> jax.Array:
-    """(arms, steps, batch): each arm's own shuffle of this epoch."""
+    """(arms, steps, batch): each arm's own shuffle of this epoch (of its own bootstrap
+    resample where the arm has data.bootstrap)."""
     per_arm = [epoch_permutation(c.seed, epoch, self.dataset.num_examples('train'),
-                                        self.steps_per_epoch, c.train.batch_size)
+                                 self.steps_per_epoch, c.train.batch_size,
+                                 bool(c.data.bootstrap))
                for c in self.configs]
     return sharding.to_global(np.stack(per_arm), self._indices_sharding)
 
