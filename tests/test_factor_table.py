@@ -54,7 +54,10 @@ def test_every_factor_is_a_config_key_at_its_off_value_and_derivations_agree():
           'train.log_every'} <= free
   assert not free & {'augment.flip', 'model.norm', 'regularize.dropout_at', 'train.epochs'}
   assert factors.dependents() == {'regularize.dropout_at': 'regularize.dropout',
-                                  'augment.cutout_patches': 'augment.cutout_size'}
+                                  'augment.cutout_patches': 'augment.cutout_size',
+                                  'model.fmp_ratio': 'model.pool',
+                                  'model.fmp_overlap': 'model.pool',
+                                  'train.fmp_eval_draws': 'model.pool'}
 
 
 def test_a_new_factor_is_validated(tint):

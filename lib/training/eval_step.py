@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from lib.core import factors
+from lib.model import fmp
 
 TTA = factors.FACTORS['train.eval_tta'].choices
 TOP_K = 5
@@ -37,25 +38,31 @@ def views(x, tta: str, pad: int = 4):
   return crops + [c[:, :, ::-1, :] for c in crops]
 
 
-def make_eval_step(model, mean, std, tta: str = 'none', top5: bool = False) -> Callable:
+def make_eval_step(model, mean, std, tta: str = 'none', top5: bool = False,
+                   draws: int = 1) -> Callable:
   """eval_step(state, images, labels, idx, mask) -> sums of loss, correct, count
   (and correct5 with `top5`: the label among the 5 highest scores).
 
   With test-time augmentation the softmax outputs of the views are averaged
   (cross-entropy of the averaged prediction, top-1 and top-5 of it). Crops pad
-  in pixel space, with black as in training's random crop.
+  in pixel space, with black as in training's random crop. `draws` > 1 (fractional
+  max-pooling, train.fmp_eval_draws) averages them over as many fixed draws of the
+  pooling regions too: the model's own fixed draw and lib/model/fmp.py:eval_draw_key(1..).
   """
-  def predict(state, x):
-    return model.apply({'params': state.params, 'batch_stats': state.batch_stats}, x, train=False)
+  def predict(state, x, draw=0):
+    rngs = {'fmp': fmp.eval_draw_key(draw)} if draw else None
+    return model.apply({'params': state.params, 'batch_stats': state.batch_stats}, x, train=False,
+                       rngs=rngs)
 
   def eval_step(state, images, labels, idx, mask):
     x = images[idx].astype(jnp.float32) / 255.0
     y = labels[idx]
-    if tta == 'none':
+    if tta == 'none' and draws == 1:
       log_probs = jax.nn.log_softmax(predict(state, (x - mean) / std))
     else:
-      probs = sum(jax.nn.softmax(predict(state, (v - mean) / std)) for v in views(x, tta))
-      log_probs = jnp.log(jnp.maximum(probs / len(views(x[:1], tta)), 1e-30))
+      probs = sum(jax.nn.softmax(predict(state, (v - mean) / std, d))
+                  for v in views(x, tta) for d in range(draws))
+      log_probs = jnp.log(jnp.maximum(probs / (len(views(x[:1], tta)) * draws), 1e-30))
     loss = -jnp.take_along_axis(log_probs, y[:, None], axis=-1)[:, 0]
     correct = jnp.argmax(log_probs, -1) == y
     m = mask.astype(jnp.float32)
