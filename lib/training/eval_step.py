@@ -50,9 +50,9 @@ def make_eval_step(model, mean, std, tta: str = 'none', top5: bool = False,
   pooling regions too: the model's own fixed draw and lib/model/fmp.py:eval_draw_key(1..).
   """
   def predict(state, x, draw=0):
-    rngs = {'fmp': fmp.eval_draw_key(draw)} if draw else None
+    rngs = {'rngs': {'fmp': fmp.eval_draw_key(draw)}} if draw else {}
     return model.apply({'params': state.params, 'batch_stats': state.batch_stats}, x, train=False,
-                       rngs=rngs)
+                       **rngs)
 
   def eval_step(state, images, labels, idx, mask):
     x = images[idx].astype(jnp.float32) / 255.0
