@@ -56,6 +56,8 @@ def test_every_factor_is_a_config_key_at_its_off_value_and_derivations_agree():
   deps = factors.dependents()
   assert {'regularize.dropout_at': 'regularize.dropout',
           'augment.cutout_patches': 'augment.cutout_size',
+          'model.fmp_ratio': 'model.pool', 'model.fmp_overlap': 'model.pool',
+          'train.fmp_eval_draws': 'model.pool',
           'train.ema_warmup': 'train.ema_decay'}.items() <= deps.items()
   assert all(c in factors.FACTORS and factors.FACTORS[c].off is not None for c in deps.values())
   # a switch strength: arms differ in its value, but all have it on or all off

@@ -259,6 +259,21 @@ declare('model.bias_init', 0.0, 'every bias starts at this constant', 'init',
         values='a number')
 declare('model.zero_init_residual', False, 'zero-init residual: the last norm scale of each '
         'branch (or its last conv where no norm closes it)', 'init', boolean())
+declare('model.pool', 'max',
+        'downsampling of `cnn` and `vgg*`: `max` (2x2 max-pool), `avg` (2x2 average), '
+        '`fractional` (fractional max-pooling, Graham 2014: pseudo-random regions 1-2 wide, '
+        'a fresh draw each step; a fixed one at eval)', 'model',
+        choices=('max', 'avg', 'fractional'))
+declare('model.fmp_ratio', None, 'fractional max-pooling: each side n pools to floor(n / '
+        'ratio)', 'model', in_range(1, 2, closed_lo=False, closed_hi=True),
+        values='in (1, 2] (2 with disjoint regions: 2x2 max-pooling, VALID)',
+        default=math.sqrt(2), of='model.pool')
+declare('model.fmp_overlap', False, 'fractional max-pooling: overlapping regions (each shares '
+        'its last row with the next)', 'model', boolean(), of='model.pool')
+declare('train.fmp_eval_draws', 1, 'fractional max-pooling at eval: average the softmax over '
+        'this many fixed region draws', 'eval',
+        (lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1,
+         'an integer >= 1'), of='model.pool')
 
 
 # --- what the rest of the code derives ---

@@ -10,7 +10,8 @@ one compiled program serves every value. With train=False every regularizer is
 the identity and BatchNorm uses its running averages.
 
 Random streams: 'dropout' (dropout masks), 'noise' (hidden-unit noise),
-'drop_path' (stochastic depth). With regularize.activation_l1 on, each hidden
+'drop_path' (stochastic depth), 'fmp' (fractional max-pooling regions; without it
+a fixed draw). With regularize.activation_l1 on, each hidden
 activation sows sum|h| / batch into the 'losses' collection. Each activation's
 output is sown into the 'activations' collection, kept only where a caller
 makes it mutable (models.activations).
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 
 from lib.core import factors
 from lib.core.registry import Registry
-from lib.model import inits
+from lib.model import fmp, inits
 
 ACTIVATIONS = Registry('activation', 'model.activation')
 NORMS = Registry('normalization', 'model.norm')
@@ -53,13 +54,17 @@ class Options:
   noise_hidden: bool = False
   activation_l1: bool = False
   stochastic_depth: bool = False
+  pool: str = 'max'                # model.pool: the CNN's and VGG's downsampling
+  fmp_ratio: float = math.sqrt(2)  # model.fmp_ratio, model.fmp_overlap (pool=fractional)
+  fmp_overlap: bool = False
 
   @classmethod
   def from_config(cls, model_config, regularize=None):
     m = model_config
     kw = dict(init=m.init, init_scale=float(m.init_scale), init_fan=m.init_fan,
               init_gain=m.init_gain, bias_init=float(m.bias_init), activation=m.activation,
-              zero_init_residual=bool(m.zero_init_residual))
+              zero_init_residual=bool(m.zero_init_residual), pool=m.pool,
+              fmp_ratio=float(m.fmp_ratio), fmp_overlap=bool(m.fmp_overlap))
     if regularize is not None:
       r = regularize
       on = lambda field: factors.is_on(f'regularize.{field}', r[field])
@@ -192,6 +197,18 @@ class Layers(nn.Module):
                                 (branch.shape[0],) + (1,) * (branch.ndim - 1))
     self.sow('intermediates', 'survived', keep.reshape(-1))
     return jnp.where(keep, branch / survival.astype(branch.dtype), jnp.zeros_like(branch))
+
+  def pool(self, x, layer: int):
+    """The downsampling of model.pool: 2x2 max (SAME), 2x2 average (SAME, the padding
+    not counted), or fractional max-pooling by model.fmp_ratio (lib/model/fmp.py),
+    its regions drawn from the 'fmp' rng where the caller gives one (the train step),
+    else the fixed draw of pooling layer `layer` (evaluation)."""
+    if self.opts.pool == 'max':
+      return nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')
+    if self.opts.pool == 'avg':
+      return nn.avg_pool(x, (2, 2), strides=(2, 2), padding='SAME', count_include_pad=False)
+    key = self.make_rng('fmp') if self.has_rng('fmp') else fmp.fixed_key(layer)
+    return fmp.pool(x, key, self.opts.fmp_ratio, self.opts.fmp_overlap)
 
 
 

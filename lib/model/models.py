@@ -90,10 +90,10 @@ class MLP(Model):
     return self.classifier(x, train, hp)
 
 
-@MODELS.register('cnn', depth=3, width=32)
+@MODELS.register('cnn', depth=3, width=32, pooling=True)
 class CNN(Model):
   """Plain CNN: `depth` 3x3 convs (width doubling, 2x2 max-pool after all but
-  the last), then a dense hidden layer of 8*width units and the classifier."""
+  the last; model.pool), then a dense hidden layer of 8*width units and the classifier."""
 
   @nn.compact
   def __call__(self, x, train: bool = False, hp: Optional[dict] = None):
@@ -102,7 +102,7 @@ class CNN(Model):
       x = self.act(self.make_norm(train)(self.conv(self.width * 2 ** i)(x)), train, hp)
       x = self.dropout(x, train, hp, 'conv')
       if i < self.depth - 1:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')
+        x = self.pool(x, i)
     x = x.reshape((x.shape[0], -1))
     x = self.act(self.dense(8 * self.width)(x), train, hp)
     return self.classifier(x, train, hp)
@@ -113,7 +113,7 @@ VGG_LAYERS = {11: (1, 1, 2, 2, 2), 13: (2, 2, 2, 2, 2), 16: (2, 2, 3, 3, 3), 19:
 
 class VGG(Model):
   """VGG (Simonyan & Zisserman 2015): five stages of 3x3 convs (width, 2w, 4w,
-  8w, 8w channels) each closed by a 2x2 max-pool, then two hidden FC layers of
+  8w, 8w channels) each closed by a 2x2 max-pool (model.pool), then two hidden FC layers of
   64*width units (4096 at the default width 64) and the classifier. The hidden
   FC layers are the classic place for dropout 0.5 (regularize.dropout_at=hidden)."""
 
@@ -125,7 +125,7 @@ class VGG(Model):
         x = self.act(self.make_norm(train)(self.conv(self.width * 2 ** min(stage, 3))(x)),
                      train, hp)
         x = self.dropout(x, train, hp, 'conv')
-      x = nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')
+      x = self.pool(x, stage)
     x = x.reshape((x.shape[0], -1))
     for i in range(2):
       if i > 0:
@@ -257,7 +257,7 @@ class MobileNet(Model):
 
 
 for _d, _layers in VGG_LAYERS.items():
-  MODELS.add(f'vgg{_d}', VGG, depth=_d, width=64, fixed_depth=_d)
+  MODELS.add(f'vgg{_d}', VGG, depth=_d, width=64, fixed_depth=_d, pooling=True)
 MODELS.add('resnet_cifar', ResNetCifar, depth=20, width=16, residual=True)
 for _d in (20, 32, 44, 56, 110):
   MODELS.add(f'resnet{_d}', ResNetCifar, depth=_d, width=16, fixed_depth=_d, residual=True)

@@ -95,13 +95,16 @@ def _members(dirs: Sequence[str], checkpoint: str, data_source: Optional[str],
   return members
 
 
-def ensemble_program(models_: Sequence[Any], means, stds, ttas: Sequence[str], top5: bool):
+def ensemble_program(models_: Sequence[Any], means, stds, ttas: Sequence[str], top5: bool,
+                     draws: Optional[Sequence[int]] = None):
   """sums(variables, images, labels, idx, mask) -> {'members': [sums of each member],
   'ensemble': sums of the mean of their probabilities} for one padded batch (not
-  jitted); `variables` is one {'params', 'batch_stats'} per member."""
+  jitted); `variables` is one {'params', 'batch_stats'} per member; `draws`: each
+  member's fixed draws of fractional pooling regions (default 1)."""
+  draws = draws or [1] * len(models_)
   log_prob_fns = [eval_lib.make_log_probs(model, np.asarray(mean, np.float32),
-                                          np.asarray(std, np.float32), tta)
-                  for model, mean, std, tta in zip(models_, means, stds, ttas)]
+                                          np.asarray(std, np.float32), tta, d)
+                  for model, mean, std, tta, d in zip(models_, means, stds, ttas, draws)]
 
   def sums(variables, images, labels, idx, mask):
     x = images[idx].astype(jnp.float32) / 255.0
@@ -151,7 +154,8 @@ def evaluate_ensemble(dirs: Sequence[str], splits: Sequence[str] = SPLITS,
       del state
     top5 = eval_lib.reports_top5(dataset.num_classes)
     step = ensemble_program([e.model for e in engines], [e.mean for e in engines],
-                            [e.std for e in engines], ttas, top5)
+                            [e.std for e in engines], ttas, top5,
+                            [e.eval_draws for e in engines])
     totals = {split: _evaluate_split(engines[0], step, variables, split) for split in splits}
   finally:
     for m in members:

@@ -4,7 +4,7 @@ from typing import Any, Dict, Optional
 
 import ml_collections
 
-from lib.core import cache, sharding
+from lib.core import cache, factors, sharding
 from lib.core import config as config_lib
 from lib.core.errors import UserError
 from lib.data import datasets as data
@@ -81,7 +81,11 @@ def _engine(config, dataset, mesh, meta) -> engine.Engine:
   that needs the same program: the runs of a sweep (a vectorized group, or arms that
   differ only in seeds and strengths) share one compiled evaluation. Only the last
   one is kept, and it goes when another dataset is loaded (it holds this one's splits)."""
+  # The signature leaves out the keys that depend on a factor (they do not keep arms of
+  # one program apart); some shape the evaluation (model.fmp_ratio, train.fmp_eval_draws).
+  flat = config_lib.flatten(config.to_dict())
   key = json.dumps([sorted(arms.signature(config.to_dict()).items()),
+                    sorted((k, flat[k]) for k in factors.dependents()),
                     meta['mean'], meta['std'], meta['num_classes'], repr(mesh)])
   return cache.process_cache().engine(
       key, lambda: engine.Engine(config, dataset, mesh, mean=meta['mean'], std=meta['std'],

@@ -173,11 +173,17 @@ class Engine:
 
     return run
 
+  @property
+  def eval_draws(self) -> int:
+    """Fixed draws of the fractional pooling regions an evaluation averages over."""
+    return self.config.train.fmp_eval_draws if self.config.model.pool == 'fractional' else 1
+
   def _eval_step(self, tta: str):
     """(eval_step, zeros): the step that sums one batch's loss, correct, count (and
     correct5 above 10 classes), and a function giving the zero sums it adds to."""
     top5 = eval_lib.reports_top5(self.dataset.num_classes)
-    eval_step = eval_lib.make_eval_step(self.model, self.mean, self.std, tta, top5=top5)
+    eval_step = eval_lib.make_eval_step(self.model, self.mean, self.std, tta, top5=top5,
+                                        draws=self.eval_draws)
     keys = ('loss', 'correct', 'count') + (('correct5',) if top5 else ())
     return eval_step, lambda: {k: jnp.zeros((), jnp.float32) for k in keys}
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from lib.core import factors
+from lib.model import fmp
 
 TTA = factors.FACTORS['train.eval_tta'].choices
 TOP_K = 5
@@ -38,15 +39,18 @@ def views(x, tta: str, pad: int = 4):
   return crops + [c[:, :, ::-1, :] for c in crops]
 
 
-def make_eval_step(model, mean, std, tta: str = 'none', top5: bool = False) -> Callable:
+def make_eval_step(model, mean, std, tta: str = 'none', top5: bool = False,
+                   draws: int = 1) -> Callable:
   """eval_step(state, images, labels, idx, mask) -> sums of loss, correct, count
   (and correct5 with `top5`: the label among the 5 highest scores).
 
   With test-time augmentation the softmax outputs of the views are averaged
   (cross-entropy of the averaged prediction, top-1 and top-5 of it). Crops pad
-  in pixel space, with black as in training's random crop.
+  in pixel space, with black as in training's random crop. `draws` > 1 (fractional
+  max-pooling, train.fmp_eval_draws) averages them over as many fixed draws of the
+  pooling regions too: the model's own fixed draw and lib/model/fmp.py:eval_draw_key(1..).
   """
-  log_probs = make_log_probs(model, mean, std, tta)
+  log_probs = make_log_probs(model, mean, std, tta, draws)
 
   def eval_step(state, images, labels, idx, mask):
     x = images[idx].astype(jnp.float32) / 255.0
@@ -56,18 +60,21 @@ def make_eval_step(model, mean, std, tta: str = 'none', top5: bool = False) -> C
   return eval_step
 
 
-def make_log_probs(model, mean, std, tta: str = 'none') -> Callable:
+def make_log_probs(model, mean, std, tta: str = 'none', draws: int = 1) -> Callable:
   """log_probs(variables, x) -> the (batch, classes) log-probabilities of the model's
   prediction on pixels x in [0, 1], normalized by mean/std, in evaluation mode (with
-  test-time views, the log of their averaged softmax)."""
-  def predict(variables, x):
-    return model.apply(variables, x, train=False)
+  test-time views and/or several fixed draws of fractional pooling regions, the log
+  of their averaged softmax)."""
+  def predict(variables, x, draw=0):
+    rngs = {'rngs': {'fmp': fmp.eval_draw_key(draw)}} if draw else {}
+    return model.apply(variables, x, train=False, **rngs)
 
   def log_probs(variables, x):
-    if tta == 'none':
+    if tta == 'none' and draws == 1:
       return jax.nn.log_softmax(predict(variables, (x - mean) / std))
-    probs = sum(jax.nn.softmax(predict(variables, (v - mean) / std)) for v in views(x, tta))
-    return jnp.log(jnp.maximum(probs / len(views(x[:1], tta)), 1e-30))
+    probs = sum(jax.nn.softmax(predict(variables, (v - mean) / std, d))
+                for v in views(x, tta) for d in range(draws))
+    return jnp.log(jnp.maximum(probs / (len(views(x[:1], tta)) * draws), 1e-30))
 
   return log_probs
 

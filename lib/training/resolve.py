@@ -60,6 +60,11 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise UserError(f'{key} needs residual blocks, which model.name={config.model.name} '
                         'does not have (residual models: '
                         f'{", ".join(n for n in models.MODELS.names() if models.MODELS.get(n).defaults.get("residual"))})')
+  if config.model.pool != 'max' and not entry.defaults.get('pooling'):
+    pooling = [n for n in models.MODELS.names() if models.MODELS.get(n).defaults.get('pooling')]
+    raise UserError(f'model.pool={config.model.pool} sets the pooling layers of '
+                    f'{", ".join(pooling)}; model.name={config.model.name} has none '
+                    '(leave model.pool=max)')
   if config.model.stem not in models.STEMS:
     raise UserError(f'unknown model.stem={config.model.stem!r}; valid: {", ".join(models.STEMS)}')
   if config.model.stem != 'auto' and not entry.defaults.get('residual'):

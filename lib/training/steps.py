@@ -81,6 +81,8 @@ def make_batch_step(model, tx_build, config, mesh, mean, std, num_classes: int,
     if on('label_smoothing'):
       targets = losses.smooth(targets, hp['label_smoothing'])
     rngs = {name: stream(key, name) for name in ('dropout', 'noise', 'drop_path')}
+    if config.model.pool == 'fractional':   # the pooling regions of this step
+      rngs['fmp'] = stream(key, 'fmp')
     mutable = ['batch_stats'] + (['losses'] if on('activation_l1') else [])
 
     def forward(params, inputs):
