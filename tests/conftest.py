@@ -36,7 +36,7 @@ def pytest_configure(config):
 # they do not end the run on one worker while the other idles.
 LONGEST_FIRST = ('test_factors.py', 'test_faults.py', 'test_multiprocess.py', 'test_vectorize.py',
                  'test_stream.py', 'test_regularize.py', 'test_sweep.py', 'test_bagging.py',
-                 'test_diagnose.py',
+                 'test_fmp.py', 'test_diagnose.py',
                  'test_lifecycle.py', 'test_models.py', 'test_train.py')
 
 

@@ -175,6 +175,14 @@ declare('regularize.tie_to', 'init',
         'loss', (lambda v: isinstance(v, str) and v.strip() != '',
                  '`init` or a run directory, optionally `:best`, `:latest` or `:STEP`'),
         of='regularize.tie_l2')
+declare('regularize.aux_rotation', 0.0,
+        'multitask: weight of a self-supervised head (on the shared features) that predicts the '
+        'rotation, 0/90/180/270 degrees, of a rotated copy of each batch (square images)', 'loss',
+        _nonneg, traced=True, switch=True)
+declare('regularize.aux_coarse', 0.0,
+        'multitask: weight of a second supervised head predicting the coarse class (sources with '
+        'coarse labels: CIFAR-100, npz with `coarse_labels`)', 'loss', _nonneg, traced=True,
+        switch=True)
 declare('regularize.dropout', 0.0, 'inverted dropout', 'model', in_range(0, 1), traced=True)
 declare('regularize.dropout_at', 'head',
         'where dropout acts: `head` (before the classifier), `hidden` (+ after every hidden FC '

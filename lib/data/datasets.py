@@ -1,6 +1,8 @@
 """Image-classification datasets held whole in memory as uint8 NHWC + int32 labels.
 
-Each source returns (train, test, num_classes); `load` then carves a fixed
+Each source returns (train, test, num_classes), or (train, test, num_classes,
+coarse_of_class) where it knows each class's coarse class (CIFAR-100's 20
+superclasses: regularize.aux_coarse); `load` then carves a fixed
 validation split out of train, so model selection never sees the test split,
 and computes per-channel normalization statistics on the training split only.
 """
@@ -30,6 +32,7 @@ class Dataset:
   num_classes: int
   mean: np.ndarray  # (C,) float32, of train images scaled to [0, 1]
   std: np.ndarray
+  coarse_of_class: Optional[np.ndarray] = None   # (num_classes,) int32, where the source has it
 
   in_memory = True   # the images are arrays (RecordDataset: records read when needed)
 
@@ -82,6 +85,7 @@ class RecordDataset:
   mean: np.ndarray
   std: np.ndarray
   image_shape: Tuple[int, ...]
+  coarse_of_class: Optional[np.ndarray] = None   # record sources carry none
   in_memory = False
 
   def source_of(self, name: str):
@@ -139,13 +143,34 @@ def _unpickle(path):
 
 
 def _cifar_batch(path):
+  """(images, labels, label key, coarse labels or None) of one pickled batch."""
   d = _unpickle(path)
   key = b'labels' if b'labels' in d else b'fine_labels'
   if b'data' not in d or key not in d:
     raise UserError(f'{path} is not a CIFAR "python version" batch '
                     '(needs b"data" and b"labels" or b"fine_labels")')
   images = np.asarray(d[b'data'], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-  return np.ascontiguousarray(images), np.asarray(d[key], np.int32), key
+  coarse = np.asarray(d[b'coarse_labels'], np.int32) if b'coarse_labels' in d else None
+  return np.ascontiguousarray(images), np.asarray(d[key], np.int32), key, coarse
+
+
+def coarse_mapping(labels: np.ndarray, coarse: np.ndarray, num_classes: int,
+                   where: str) -> np.ndarray:
+  """(num_classes,) the coarse class of each class, from per-example labels that
+  must agree (one coarse class per class, as CIFAR-100's superclasses); -1 for a
+  class with no example."""
+  labels, coarse = np.asarray(labels), np.asarray(coarse)
+  if coarse.shape != labels.shape or (len(coarse) and coarse.min() < 0):
+    raise UserError(f'{where}: coarse labels must be one non-negative integer per example')
+  out = np.full(num_classes, -1, np.int64)
+  for c in range(num_classes):
+    values = np.unique(coarse[labels == c])
+    if len(values) > 1:
+      raise UserError(f'{where}: class {c} has coarse labels {values[:5].tolist()}; each '
+                      'class must belong to one coarse class')
+    if len(values):
+      out[c] = values[0]
+  return out.astype(np.int32)
 
 
 def _path(data_config, exists, kind: str, what: str) -> str:
@@ -171,12 +196,16 @@ def _cifar_dir(data_config):
   train = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
   test = _cifar_batch(test_file)[:2] if os.path.exists(test_file) else None
   num_classes = 100 if parts[0][2] == b'fine_labels' else 10
+  if all(p[3] is not None for p in parts):   # CIFAR-100: its 20 superclasses
+    coarse = np.concatenate([p[3] for p in parts])
+    return train, test, num_classes, coarse_mapping(train[1], coarse, num_classes, path)
   return train, test, num_classes
 
 
 @SOURCES.register('npz')
 def _npz(data_config):
-  """`images` (N,H,W,C) uint8 and `labels` (N,); optional test_images/test_labels."""
+  """`images` (N,H,W,C) uint8 and `labels` (N,); optional test_images/test_labels, and
+  `coarse_labels` (N,) (each class's coarse class, regularize.aux_coarse)."""
   path = _path(data_config, os.path.isfile, 'file', '.npz with images and labels')
   with np.load(path) as f:
     if 'images' not in f or 'labels' not in f:
@@ -186,8 +215,11 @@ def _npz(data_config):
     if 'test_images' in f:
       test = records.check_arrays(f['test_images'], f['test_labels'], path + ' (test)')
     num_classes = int(f['num_classes']) if 'num_classes' in f else None
+    coarse = np.asarray(f['coarse_labels']) if 'coarse_labels' in f else None
   if num_classes is None:
     num_classes = int(max(train[1].max(), -1 if test is None else test[1].max())) + 1
+  if coarse is not None:
+    return train, test, num_classes, coarse_mapping(train[1], coarse, num_classes, path)
   return train, test, num_classes
 
 
@@ -214,7 +246,11 @@ def _tfds_split(name, split, data_dir):
   if images.ndim == 3:
     images = images[..., None]
   labels = np.asarray([r['label'] for r in rows], np.int32)
-  return (images, labels), info.features['label'].num_classes, info
+  num_classes = info.features['label'].num_classes
+  if 'coarse_label' in info.features:   # cifar100's superclasses
+    coarse = np.asarray([r['coarse_label'] for r in rows], np.int32)
+    info = (info, coarse_mapping(labels, coarse, num_classes, f'tfds {name} {split}'))
+  return (images, labels), num_classes, info
 
 
 @SOURCES.register('tfds')
@@ -222,11 +258,13 @@ def _tfds(data_config):
   """Any TFDS image-classification dataset through tfds.data_source (no TensorFlow)."""
   if not data_config.name:
     raise UserError('data.source=tfds needs --config.data.name=<tfds name, e.g. cifar10>')
-  train, num_classes, _ = _tfds_split(data_config.name, 'train', data_config.path)
+  train, num_classes, info = _tfds_split(data_config.name, 'train', data_config.path)
   try:  # not every dataset has a test split
     test = _tfds_split(data_config.name, 'test', data_config.path)[0]
   except UserError:
     test = None
+  if isinstance(info, tuple):   # with each class's coarse class
+    return train, test, num_classes, info[1]
   return train, test, num_classes
 
 
@@ -283,7 +321,7 @@ def _load_records(data_config) -> RecordDataset:
     train, test, num_classes = _tfds_streamed(data_config)
   else:
     entry = SOURCES.get(data_config.source)
-    train, test, num_classes = entry.fn(data_config)
+    train, test, num_classes, *_ = entry.fn(data_config)
     if not entry.defaults.get('streamed'):   # arrays in memory, resized on the host all the same
       train = records.ArraySource(*train, num_classes, 'train')
       test = records.ArraySource(*test, num_classes, 'test') if test is not None else None
@@ -351,7 +389,7 @@ def load(data_config) -> Dataset:
 def _load(data_config):
   if streamed(data_config):
     return _load_records(data_config)
-  train, test, num_classes = SOURCES.get(data_config.source).fn(data_config)
+  train, test, num_classes, *coarse = SOURCES.get(data_config.source).fn(data_config)
   if len(train[1]) and (train[1].min() < 0 or train[1].max() >= num_classes):
     raise UserError(f'labels must lie in 0..{num_classes - 1}; got '
                     f'{train[1].min()}..{train[1].max()}')
@@ -362,4 +400,4 @@ def _load(data_config):
   val = (train[0][va], train[1][va])
   train = (train[0][tr], train[1][tr])
   mean, std = channel_stats(train[0])
-  return Dataset(train, val, test, num_classes, mean, std)
+  return Dataset(train, val, test, num_classes, mean, std, coarse[0] if coarse else None)

@@ -57,6 +57,7 @@ class Options:
   pool: str = 'max'                # model.pool: the CNN's and VGG's downsampling
   fmp_ratio: float = math.sqrt(2)  # model.fmp_ratio, model.fmp_overlap (pool=fractional)
   fmp_overlap: bool = False
+  aux_rotation: bool = False       # regularize.aux_rotation: the rotation head (multitask)
 
   @classmethod
   def from_config(cls, model_config, regularize=None):
@@ -69,7 +70,8 @@ class Options:
       r = regularize
       on = lambda field: factors.is_on(f'regularize.{field}', r[field])
       kw.update(dropout_at=r.dropout_at, dropout=on('dropout'), noise_hidden=on('noise_hidden'),
-                activation_l1=on('activation_l1'), stochastic_depth=on('survival_last'))
+                activation_l1=on('activation_l1'), stochastic_depth=on('survival_last'),
+                aux_rotation=on('aux_rotation'))
     return cls(**kw)
 
 
@@ -146,9 +148,9 @@ class Layers(nn.Module):
   dtype: Any = jnp.float32
   opts: Options = Options()
 
-  def dense(self, features, last=False):
+  def dense(self, features, last=False, name=None):
     return nn.Dense(features, dtype=self.dtype, kernel_init=inits.kernel_init(self.opts, last),
-                    bias_init=inits.bias_init(self.opts))
+                    bias_init=inits.bias_init(self.opts), name=name)
 
   def conv(self, features, kernel=3, strides=1, groups=1, zero=False, bias=None):
     # No bias when a normalization layer follows: its offset plays that role.

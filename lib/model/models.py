@@ -31,11 +31,24 @@ class Model(Layers):
   depth: int = 0
   width: int = 0
   stem_type: str = 'auto'   # model.stem
+  num_coarse: int = 0       # >0: the coarse-class head of regularize.aux_coarse
 
   def classifier(self, x, train, hp):
+    """The logits of the classes. With multitask heads on, the same features also
+    feed `rotation_head` (4 rotations) and `coarse_head` (the coarse classes), whose
+    logits are sown into the 'aux' collection for the train step (lib/training/steps.py)
+    and never change the logits returned."""
+    out = jnp.promote_types(self.dtype, jnp.float32)   # f32 (f64 grad checks)
+    features = x
     x = self.dropout(x, train, hp, 'head')
     logits = self.dense(self.num_classes, last=True)(x)
-    return logits.astype(jnp.promote_types(self.dtype, jnp.float32))   # f32 (f64 grad checks)
+    if self.opts.aux_rotation:
+      self.sow('aux', 'rotation', self.dense(4, last=True, name='rotation_head')(features)
+               .astype(out))
+    if self.num_coarse:
+      self.sow('aux', 'coarse', self.dense(self.num_coarse, last=True, name='coarse_head')(
+          features).astype(out))
+    return logits.astype(out)
 
   def block_kwargs(self):
     return dict(activation=self.activation, norm=self.norm, dtype=self.dtype, opts=self.opts)
@@ -279,16 +292,19 @@ MODELS.add('wide_resnet', WideResNet, depth=28, width=10, residual=True)
 MODELS.add('mobilenet', MobileNet, depth=28, width=32, fixed_depth=28)
 
 
-def build(model_config, num_classes: int, regularize=None, dtype=None) -> nn.Module:
+def build(model_config, num_classes: int, regularize=None, dtype=None,
+          num_coarse: int = 0) -> nn.Module:
   """The model of `model_config`; `regularize` (config.regularize) puts the
   train-time regularizers it turns on into the program (None: none). `dtype`
-  overrides model.dtype (float64 for gradient checks)."""
+  overrides model.dtype (float64 for gradient checks); `num_coarse` > 0 adds the
+  coarse-class head (regularize.aux_coarse)."""
   entry = MODELS.get(model_config.name)
   if dtype is None:
     dtype = jnp.bfloat16 if model_config.dtype == 'bfloat16' else jnp.float32
   return entry.fn(num_classes=num_classes, depth=model_config.depth, width=model_config.width,
                   activation=model_config.activation, norm=model_config.norm, dtype=dtype,
-                  stem_type=model_config.stem, opts=Options.from_config(model_config, regularize))
+                  stem_type=model_config.stem, opts=Options.from_config(model_config, regularize),
+                  num_coarse=num_coarse)
 
 
 def activations(model, variables, images, hp=None, train=True):

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lib.core import sharding
+from lib.core import factors, sharding
 from lib.core.errors import UserError
 from lib.data import device, stream
 from lib.data.device import TRAIN_EVAL, steps_per_epoch  # noqa: F401 - TRAIN_EVAL for callers
@@ -33,7 +33,10 @@ class Engine:
     self.rep = sharding.replicated(mesh)
     self.mean = np.asarray(dataset.mean if mean is None else mean, np.float32)
     self.std = np.asarray(dataset.std if std is None else std, np.float32)
-    self.model = models.build(config.model, dataset.num_classes, config.regularize)
+    self.coarse_of_class = multitask_data(config, dataset)
+    self.model = models.build(config.model, dataset.num_classes, config.regularize,
+                              num_coarse=0 if self.coarse_of_class is None
+                              else int(np.max(self.coarse_of_class)) + 1)
     if eval_only:   # the training batch need not fit this data or these devices
       self.steps_per_epoch = max(dataset.num_examples('train') // config.train.batch_size, 1)
     else:
@@ -52,12 +55,14 @@ class Engine:
       self.data = device.StreamSplits(dataset, mesh, config, self.steps_per_epoch, log)
       host = stream.HOST_AUGMENTATIONS if config.data.image_size else ()
       batch_step = steps.make_batch_step(self.model, self.tx_build, config, mesh, self.mean,
-                                         self.std, dataset.num_classes, host)
+                                         self.std, dataset.num_classes, host,
+                                         coarse_of_class=self.coarse_of_class)
       self._train_step = jax.jit(batch_step, donate_argnums=(0, 4))
     else:
       self.data = device.DeviceSplits(dataset, mesh, config.train.eval_batch_size)
       train_step = steps.make_train_step(self.model, self.tx_build, config, mesh, self.mean,
-                                         self.std, dataset.num_classes, self.steps_per_epoch)
+                                         self.std, dataset.num_classes, self.steps_per_epoch,
+                                         coarse_of_class=self.coarse_of_class)
       self._train_step = jax.jit(train_step, donate_argnums=(0, 5))
     # Several simulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count)
     # share one thread pool: with launches queued behind each other, a device's
@@ -225,6 +230,20 @@ class Engine:
   def eval_inputs(self, split: str):
     """(images, labels, idx, mask) of a split (lib/data/device.py)."""
     return self.data.eval_inputs(split)
+
+
+def multitask_data(config, dataset):
+  """Each class's coarse class when regularize.aux_coarse is on (else None), after
+  checking that the data has what the multitask heads need, in one line if not."""
+  if factors.on(config, 'regularize.aux_rotation'):
+    shape = tuple(dataset.image_shape)
+    if shape[0] != shape[1]:
+      raise UserError(f'regularize.aux_rotation needs square images; these are {shape[0]}x'
+                      f'{shape[1]}: set data.image_size, or regularize.aux_rotation=0')
+  if not factors.on(config, 'regularize.aux_coarse'):
+    return None
+  coarse = getattr(dataset, 'coarse_of_class', None)
+  return steps.coarse_matrix_rows(coarse, config)
 
 
 def eval_result(totals) -> Dict[str, float]:

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 
 # Named streams split off each step's key; add new consumers at the end.
 RNG_STREAMS = {'augment': 0, 'dropout': 1, 'noise': 2, 'drop_path': 3, 'mix': 4,
-               'noise_input': 5, 'dropconnect': 6, 'noise_weight': 7, 'fmp': 8}
+               'noise_input': 5, 'dropconnect': 6, 'noise_weight': 7, 'fmp': 8,
+               'rotation': 9}
 
 
 @flax.struct.dataclass

@@ -14,6 +14,7 @@ import numpy as np
 import optax
 
 from lib.core import factors, sharding
+from lib.core.errors import UserError
 from lib.training import augment, losses, optim, regularize
 from lib.training import state as state_lib
 from lib.training.eval_step import TTA, make_eval_step, views  # noqa: F401
@@ -33,10 +34,11 @@ def hparam_config_keys() -> Dict[str, str]:
 
 
 def make_train_step(model, tx_build, config, mesh, mean, std, num_classes: int,
-                    steps_per_epoch: int) -> Callable:
+                    steps_per_epoch: int, coarse_of_class=None) -> Callable:
   """train_step(state, hparams, images, labels, epoch_indices, sums) -> (state, sums)
   on the resident split: the batch of this step gathered by index, then `make_batch_step`'s."""
-  batch_step = make_batch_step(model, tx_build, config, mesh, mean, std, num_classes)
+  batch_step = make_batch_step(model, tx_build, config, mesh, mean, std, num_classes,
+                               coarse_of_class=coarse_of_class)
 
   def train_step(state, hp, images, labels, epoch_indices, sums):
     idx = jax.lax.dynamic_index_in_dim(epoch_indices, state.step % steps_per_epoch, keepdims=False)
@@ -45,17 +47,48 @@ def make_train_step(model, tx_build, config, mesh, mean, std, num_classes: int,
   return train_step
 
 
+def rotate_quarters(x, turns):
+  """Each image x[i] (NHWC, square) rotated by turns[i] quarter turns counter-clockwise
+  (np.rot90 of its H, W axes)."""
+  rotated = [x] + [jnp.rot90(x, k, axes=(1, 2)) for k in (1, 2, 3)]
+  out = rotated[0]
+  for k in (1, 2, 3):
+    out = jnp.where((turns == k)[:, None, None, None], rotated[k], out)
+  return out
+
+
+def rotation_task(key, x):
+  """(rotated copies, their labels): each image turned by k quarter turns, k drawn
+  uniformly from 0..3 per example; k is the copy's label."""
+  turns = jax.random.randint(key, (x.shape[0],), 0, 4)
+  return rotate_quarters(x, turns), turns
+
+
+def coarse_matrix_rows(coarse_of_class, config):
+  """The coarse class of each class, or one error line where the data has none."""
+  if coarse_of_class is None:
+    raise UserError(f'regularize.aux_coarse needs coarse labels, which data.source='
+                    f'{config.data.source} does not carry (CIFAR-100 from cifar_dir or tfds, '
+                    'or an npz with coarse_labels); set regularize.aux_coarse=0')
+  return np.asarray(coarse_of_class)
+
+
 def make_batch_step(model, tx_build, config, mesh, mean, std, num_classes: int,
-                    host_augmentations=()) -> Callable:
+                    host_augmentations=(), coarse_of_class=None) -> Callable:
   """batch_step(state, hparams, batch_images, batch_labels, sums) -> (state, sums):
   one step on a uint8 batch (the streaming pipeline's, or one gathered on device).
-  `host_augmentations` were done by the input pipeline and are skipped here.
+  `host_augmentations` were done by the input pipeline and are skipped here;
+  `coarse_of_class` (num_classes,) each class's coarse class (regularize.aux_coarse).
 
   Per step: pixel-space augmentations; normalize; cutout;
   mixup / cutmix; (FGSM) adversarial inputs; input noise; then the loss
   (train.loss on label-smoothed targets) + L2 + L1 + activation L1 + tying penalties
   on a forward pass with DropConnect / weight noise on the kernels and dropout,
-  hidden noise and stochastic depth inside the model; after the update, the
+  hidden noise and stochastic depth inside the model; the multitask heads'
+  losses (regularize.aux_rotation: a second forward pass of the inputs, each
+  rotated by k * 90 degrees, k drawn per example from the step's 'rotation'
+  stream, its batch statistics discarded; regularize.aux_coarse: the class
+  targets, mixed and smoothed, summed per coarse class); after the update, the
   moving average of the weights (train.ema_decay).
   """
   aug, reg = config.augment, config.regularize
@@ -65,6 +98,10 @@ def make_batch_step(model, tx_build, config, mesh, mean, std, num_classes: int,
   loss_name = config.train.loss
   ema, ema_warmup = state_lib.has_ema(config), config.train.ema_warmup
   tie = state_lib.has_anchor(config)
+  rotation, coarse = on('aux_rotation'), on('aux_coarse')
+  if coarse:
+    coarse_targets = jnp.asarray(jax.nn.one_hot(coarse_matrix_rows(coarse_of_class, config),
+                                                int(np.max(coarse_of_class)) + 1))
   decay = lambda params: optim.decay_mask(params, reg.decay_all_params)
   batch_sharding = sharding.sharded_along(mesh, 4)
   lo, hi = (0.0 - mean) / std, (1.0 - mean) / std   # the pixel range, normalized
@@ -83,7 +120,8 @@ def make_batch_step(model, tx_build, config, mesh, mean, std, num_classes: int,
     rngs = {name: stream(key, name) for name in ('dropout', 'noise', 'drop_path')}
     if config.model.pool == 'fractional':   # the pooling regions of this step
       rngs['fmp'] = stream(key, 'fmp')
-    mutable = ['batch_stats'] + (['losses'] if on('activation_l1') else [])
+    mutable = ['batch_stats'] + (['losses'] if on('activation_l1') else []) + (
+        ['aux'] if coarse else [])
 
     def forward(params, inputs):
       for t in param_transforms:   # weight noise, then DropConnect, ...
@@ -100,6 +138,10 @@ def make_batch_step(model, tx_build, config, mesh, mean, std, num_classes: int,
     if on('noise_input'):
       x = x + hp['noise_input'] * jax.random.normal(stream(key, 'noise_input'), x.shape)
 
+    if rotation:   # each example's copy, turned by k quarter turns (k its label)
+      x_rotated, turns = rotation_task(stream(key, 'rotation'), x)
+      rotated_rngs = {name: stream(key, f'{name}_rotated') for name in rngs}
+
     def loss_fn(params):
       data_loss, (logits, new_vars) = forward(params, x)
       penalty = None
@@ -109,6 +151,18 @@ def make_batch_step(model, tx_build, config, mesh, mean, std, num_classes: int,
       if tie:   # to the reference in the state (regularize.tie_to)
         penalty = penalty + hp['tie_l2'] * regularize.tie_penalty(params, state.anchor,
                                                                   decay(params))
+      if coarse:   # the multitask heads' weighted losses
+        penalty = penalty + hp['aux_coarse'] * losses.loss(
+            'cross_entropy', new_vars['aux']['coarse'][0], targets @ coarse_targets).mean()
+      if rotation:   # the shared trunk on the rotated copies; their batch statistics dropped
+        transformed = params
+        for t in param_transforms:
+          transformed = t.fn(stream(key, t.name), transformed, hp)
+        _, rotated_vars = model.apply(
+            {'params': transformed, 'batch_stats': state.batch_stats}, x_rotated, train=True,
+            hp=hp, rngs=rotated_rngs, mutable=['batch_stats', 'aux'])
+        penalty = penalty + hp['aux_rotation'] * losses.loss(
+            'cross_entropy', rotated_vars['aux']['rotation'][0], jax.nn.one_hot(turns, 4)).mean()
       return data_loss + penalty, (data_loss, logits, new_vars.get('batch_stats', {}))
 
     (total, (data_loss, logits, batch_stats)), grads = jax.value_and_grad(

@@ -102,7 +102,8 @@ class VectorEngine:
                     for k in hps[0]}
     self._single_step = steps.make_train_step(
         self.base.model, self.base.tx_build, self.program, self.mesh, self.base.mean,
-        self.base.std, dataset.num_classes, self.steps_per_epoch)
+        self.base.std, dataset.num_classes, self.steps_per_epoch,
+        coarse_of_class=self.base.coarse_of_class)
     self._steps: Dict[bool, object] = {}
     self._evals: Dict[tuple, object] = {}
     self._init_fns: Dict[models.Options, object] = {}
