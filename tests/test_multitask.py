@@ -102,13 +102,38 @@ def test_coarse_labels_come_from_the_data_and_must_agree(coarse_npz, tmp_path):
   dataset = data.load(resolve_lib.resolve(mlp(**{'data.source': 'npz',
                                                  'data.path': coarse_npz})).data)
   np.testing.assert_array_equal(dataset.coarse_of_class, np.arange(10) // 2)
-  with pytest.raises(UserError, match='class 1 has coarse labels') as e:
-    data.coarse_mapping(np.array([0, 1, 1]), np.array([0, 0, 1]), 2, 'x.npz')
+  mapping = data.coarse_mapping(np.array([0, 1, 1, 0]), np.array([3, 0, 1, 3]), 3, 'x.npz')
+  np.testing.assert_array_equal(mapping, [3, -2, -1])   # class 1 disagrees, 2 has none
+  with pytest.raises(UserError, match='class 1 have several coarse labels') as e:
+    steps.coarse_matrix_rows(mapping, resolve_lib.resolve(mlp()))
   assert '\n' not in str(e.value)
   with pytest.raises(UserError, match='data.source=digits does not carry') as e:
     engine_of(mlp(**{'regularize.aux_coarse': 0.5}))
   with pytest.raises(UserError, match='regularize.aux_rotation=-1'):
     resolve_lib.resolve(mlp(**{'regularize.aux_rotation': -1.0}))
+
+
+def test_cifar100_pickles_carry_their_superclasses(tmp_path):
+  import pickle
+  rng = np.random.RandomState(0)
+  for name, n in (('train', 40), ('test', 10)):
+    fine = rng.randint(0, 100, n)
+    with open(tmp_path / name, 'wb') as f:
+      pickle.dump({b'data': rng.randint(0, 256, (n, 3072)).astype(np.uint8),
+                   b'fine_labels': list(fine), b'coarse_labels': list(fine // 5)}, f)
+  ds = data.load(resolve_lib.resolve(mlp(**{'data.source': 'cifar_dir', 'data.path': str(tmp_path),
+                                            'data.val_fraction': 0.25})).data)
+  seen = ds.coarse_of_class >= 0
+  assert seen.any() and np.array_equal(ds.coarse_of_class[seen], np.arange(100)[seen] // 5)
+
+
+def test_tfds_cifar100_carries_its_superclasses():
+  tfds = pytest.importorskip('tensorflow_datasets')
+  with tfds.testing.mock_data(num_examples=40):
+    ds = data.load(resolve_lib.resolve(mlp(**{'data.source': 'tfds', 'data.name': 'cifar100',
+                                              'data.val_fraction': 0.25})).data)
+  assert ds.num_classes == 100 and ds.coarse_of_class.shape == (100,)
+  assert set(ds.coarse_of_class.tolist()) <= set(range(-2, 20))   # mock labels: random
 
 
 def test_a_coarse_head_trains_on_four_devices(coarse_npz, tmp_path, devices):

@@ -156,20 +156,16 @@ def _cifar_batch(path):
 
 def coarse_mapping(labels: np.ndarray, coarse: np.ndarray, num_classes: int,
                    where: str) -> np.ndarray:
-  """(num_classes,) the coarse class of each class, from per-example labels that
-  must agree (one coarse class per class, as CIFAR-100's superclasses); -1 for a
-  class with no example."""
+  """(num_classes,) the coarse class of each class, from per-example labels (CIFAR-100's
+  superclasses: one per class): -1 for a class with no example, -2 for one whose
+  examples disagree (an error only where regularize.aux_coarse uses them)."""
   labels, coarse = np.asarray(labels), np.asarray(coarse)
   if coarse.shape != labels.shape or (len(coarse) and coarse.min() < 0):
     raise UserError(f'{where}: coarse labels must be one non-negative integer per example')
   out = np.full(num_classes, -1, np.int64)
   for c in range(num_classes):
     values = np.unique(coarse[labels == c])
-    if len(values) > 1:
-      raise UserError(f'{where}: class {c} has coarse labels {values[:5].tolist()}; each '
-                      'class must belong to one coarse class')
-    if len(values):
-      out[c] = values[0]
+    out[c] = values[0] if len(values) == 1 else -2 if len(values) > 1 else -1
   return out.astype(np.int32)
 
 

@@ -70,6 +70,10 @@ def coarse_matrix_rows(coarse_of_class, config):
     raise UserError(f'regularize.aux_coarse needs coarse labels, which data.source='
                     f'{config.data.source} does not carry (CIFAR-100 from cifar_dir or tfds, '
                     'or an npz with coarse_labels); set regularize.aux_coarse=0')
+  mixed = np.flatnonzero(np.asarray(coarse_of_class) == -2)
+  if len(mixed):
+    raise UserError(f'regularize.aux_coarse: the examples of class {mixed[0]} have several '
+                    'coarse labels; each class must belong to one coarse class')
   return np.asarray(coarse_of_class)
 
 
