@@ -83,19 +83,44 @@ def test_evaluation_uses_the_main_head_only():
   assert with_heads.evaluate(state, 'val') == without.evaluate(trimmed, 'val')
 
 
-def test_the_rotated_pass_leaves_the_batch_statistics_to_the_main_pass():
-  """After one step, the running statistics are the plain step's: they come from the main
-  forward pass alone (the rotated copies' are dropped), while the params differ."""
-  out = []
-  for overrides in ({}, {'regularize.aux_rotation': 1.0}):
-    eng = engine_of(mlp(**{'model.norm': 'batch', **overrides}))
-    state, _ = eng.train_step(eng.init_state(), eng.step_inputs(0), eng.zero_sums())
-    out.append(jax.device_get(state))
-  plain, rot = out
-  assert jax.tree.leaves(plain.batch_stats)
-  for a, b in zip(jax.tree.leaves(plain.batch_stats), jax.tree.leaves(rot.batch_stats)):
-    assert np.array_equal(a, b)
-  assert not np.array_equal(plain.params['Dense_0']['kernel'], rot.params['Dense_0']['kernel'])
+def _one_step(eng, **strengths):
+  """The state and sums after the first step of engine `eng`, with these strengths."""
+  hp = steps.hparams(eng.config)
+  hp.update({k: np.float32(v) for k, v in strengths.items()})
+  eng.hparams = {k: sharding.to_global(v, eng.rep) for k, v in hp.items()}
+  state, sums = eng.train_step(eng.init_state(), eng.step_inputs(0), eng.zero_sums())
+  return jax.device_get(state), jax.device_get(sums)
+
+
+def test_each_auxiliary_loss_trains_the_trunk_and_its_own_head_only(coarse_npz):
+  """One program with both heads, stepped with weights 0, rotation only, coarse only,
+  against the plain step: weights 0 are the plain step; each loss moves the shared trunk
+  and its own head, never the main head or the other head; the running statistics and
+  the logged (main) loss are the plain step's."""
+  common = {'model.norm': 'batch', 'optim.name': 'sgd', 'regularize.l2': 0.0,
+            'regularize.dropout': 0.3, 'regularize.label_smoothing': 0.1,
+            'data.source': 'npz', 'data.path': coarse_npz}
+  plain, plain_sums = _one_step(engine_of(mlp(**common)))
+  eng = engine_of(mlp(**common, **{'regularize.aux_rotation': 1.0,
+                                   'regularize.aux_coarse': 1.0}))
+  neither, _ = _one_step(eng, aux_rotation=0.0, aux_coarse=0.0)
+  rotation, rotation_sums = _one_step(eng, aux_rotation=1.0, aux_coarse=0.0)
+  coarse, coarse_sums = _one_step(eng, aux_rotation=0.0, aux_coarse=1.0)
+  close = lambda a, b: all(jax.tree.leaves(jax.tree.map(
+      lambda u, v: np.allclose(u, v, rtol=0, atol=1e-7), a, b)))
+  head, trunk = 'Dense_2', ('Dense_0', 'Dense_1', 'BatchNorm_0', 'BatchNorm_1')
+  for name in (head,) + trunk:
+    assert close(neither.params[name], plain.params[name]), name
+  for trained, own, other in ((rotation, 'rotation_head', 'coarse_head'),
+                              (coarse, 'coarse_head', 'rotation_head')):
+    assert close(trained.params[head], plain.params[head])
+    assert close(trained.params[other], neither.params[other])
+    assert not close(trained.params[own], neither.params[own])
+    for name in trunk:
+      assert not close(trained.params[name], neither.params[name]), (own, name)
+    assert close(trained.batch_stats, plain.batch_stats)
+  for sums in (rotation_sums, coarse_sums):
+    assert np.allclose(sums['loss'], plain_sums['loss'], rtol=0, atol=1e-6)
 
 
 def test_coarse_labels_come_from_the_data_and_must_agree(coarse_npz, tmp_path):
@@ -134,6 +159,25 @@ def test_tfds_cifar100_carries_its_superclasses():
                                               'data.val_fraction': 0.25})).data)
   assert ds.num_classes == 100 and ds.coarse_of_class.shape == (100,)
   assert set(ds.coarse_of_class.tolist()) <= set(range(-2, 20))   # mock labels: random
+
+
+def test_programs_of_other_coarse_labels_are_other_programs(coarse_npz, tmp_path):
+  """The coarse classes are baked into the compiled step: the same file rewritten with
+  other coarse labels alone (same images, labels, statistics) must not get the program
+  compiled for the old ones."""
+  from lib.training import vector_engine
+  path = str(tmp_path / 'rewritten.npz')
+  with np.load(coarse_npz) as f:
+    images, labels = f['images'], f['labels']
+  keys = []
+  for mtime, coarse in ((1_000_000, labels // 2), (2_000_000, labels % 5)):
+    np.savez(path, images=images, labels=labels, coarse_labels=coarse)
+    os.utime(path, (mtime, mtime))
+    configs = [resolve_lib.resolve(mlp(**{'regularize.aux_coarse': w, 'data.source': 'npz',
+                                          'data.path': path})) for w in (0.5, 1.0)]
+    veng = vector_engine.VectorEngine(configs, data.load(configs[0].data))
+    keys.append(veng._program_key('step', False))
+  assert keys[0] != keys[1]
 
 
 def test_a_coarse_head_trains_on_four_devices(coarse_npz, tmp_path, devices):

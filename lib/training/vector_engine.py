@@ -201,8 +201,10 @@ class VectorEngine:
     varying = set(arms_lib.varying_keys())
     static = {k: v for k, v in flat.items() if k not in varying}
     switches = {k: factors.is_on(k, flat[k]) for k in factors.hparam_keys().values()}
+    coarse = self.base.coarse_of_class   # baked into the step (regularize.aux_coarse)
     data = [self.dataset.image_shape, self.dataset.num_examples('train'), self.dataset.num_classes,
-            self.base.mean.tolist(), self.base.std.tolist()]
+            self.base.mean.tolist(), self.base.std.tolist(),
+            None if coarse is None else coarse.tolist()]
     return json.dumps([what, static, switches, self.n, self.mode, repr(self.mesh), data],
                       sort_keys=True, default=str)
 
