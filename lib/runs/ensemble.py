@@ -21,13 +21,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from lib.core import sharding
 from lib.core import config as config_lib
 from lib.core.errors import UserError
-from lib.data import datasets as data
 from lib.runs import evaluate
 from lib.runs.checkpoint import Checkpoints
 from lib.runs.rundir import RunDir
@@ -69,12 +67,8 @@ def _members(dirs: Sequence[str], checkpoint: str, data_source: Optional[str],
              data_path: Optional[str]) -> List[Dict[str, Any]]:
   members = []
   for d in dirs:
-    config = config_lib.from_json_dict(RunDir(d).read_config())
-    if data_source or data_path:
-      config = ml_collections.ConfigDict(config.to_dict())
-      config.data.source = data_source or config.data.source
-      config.data.path = data_path or config.data.path
-      config.lock()
+    config = evaluate.on_data(config_lib.from_json_dict(RunDir(d).read_config()), data_source,
+                              data_path)
     checkpoints = Checkpoints(RunDir(d).checkpoint_dir, read_only=True)
     step = checkpoints.resolve(checkpoint)
     members.append({'workdir': d, 'config': config, 'checkpoints': checkpoints, 'step': step,
@@ -131,16 +125,7 @@ def evaluate_ensemble(dirs: Sequence[str], splits: Sequence[str] = SPLITS,
   a result being launch.eval's {'accuracy', ['top5_accuracy'], 'loss', 'num_examples'}."""
   members = _members(member_dirs(dirs), checkpoint, data_source, data_path)
   try:
-    first = members[0]
-    dataset = data.load(first['config'].data)
-    meta = first['meta']
-    if list(dataset.image_shape) != list(meta['image_shape']):
-      raise UserError(f'images of shape {dataset.image_shape} do not fit the runs, which were '
-                      f'trained on {tuple(meta["image_shape"])}')
-    if dataset.num_classes > meta['num_classes']:
-      raise UserError(f'the data has {dataset.num_classes} classes; the models have '
-                      f'{meta["num_classes"]}')
-    dataset.num_classes = meta['num_classes']
+    dataset = evaluate.dataset_for(members[0]['config'], members[0]['meta'])
     mesh = mesh if mesh is not None else sharding.make_mesh()
     engines = [engine.Engine(m['config'], dataset, mesh, mean=m['meta']['mean'],
                              std=m['meta']['std'], eval_only=True) for m in members]

@@ -36,19 +36,8 @@ def evaluate_checkpoint(workdir: str, checkpoint: str = 'best', split: str = 'va
   checkpoints = Checkpoints(rundir.checkpoint_dir, read_only=True)
   step = checkpoints.resolve(checkpoint)
   meta = checkpoints.restore_meta(step)
-  if data_source or data_path:
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.data.source = data_source or config.data.source
-    config.data.path = data_path or config.data.path
-    config.lock()
-  dataset = data.load(config.data)
-  if list(dataset.image_shape) != list(meta['image_shape']):
-    raise UserError(f'images of shape {dataset.image_shape} do not fit the run, which was '
-                    f'trained on {tuple(meta["image_shape"])}')
-  if dataset.num_classes > meta['num_classes']:
-    raise UserError(f'the data has {dataset.num_classes} classes; the model has '
-                    f'{meta["num_classes"]}')
-  dataset.num_classes = meta['num_classes']
+  config = on_data(config, data_source, data_path)
+  dataset = dataset_for(config, meta)
   mesh = mesh if mesh is not None else sharding.make_mesh()
   eng = _engine(config, dataset, mesh, meta)
   state, _ = checkpoints.restore(step, eng.abstract_state())
@@ -58,6 +47,32 @@ def evaluate_checkpoint(workdir: str, checkpoint: str = 'best', split: str = 'va
   return {'accuracy': result['accuracy'], **top5, 'loss': result['loss'],
           'num_examples': result['num_examples'], 'step': step,
           **({'weights': weights} if state_lib.has_ema(config) else {})}
+
+
+def on_data(config, data_source: Optional[str] = None, data_path: Optional[str] = None):
+  """`config` with its data source and path replaced where given (another dataset of
+  the same image shape, normalized with the run's own statistics)."""
+  if not (data_source or data_path):
+    return config
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.data.source = data_source or config.data.source
+  config.data.path = data_path or config.data.path
+  config.lock()
+  return config
+
+
+def dataset_for(config, meta):
+  """The data of `config`, checked against what a checkpoint's `meta` was trained on
+  (image shape, classes), with the model's number of classes."""
+  dataset = data.load(config.data)
+  if list(dataset.image_shape) != list(meta['image_shape']):
+    raise UserError(f'images of shape {dataset.image_shape} do not fit the run, which was '
+                    f'trained on {tuple(meta["image_shape"])}')
+  if dataset.num_classes > meta['num_classes']:
+    raise UserError(f'the data has {dataset.num_classes} classes; the model has '
+                    f'{meta["num_classes"]}')
+  dataset.num_classes = meta['num_classes']
+  return dataset
 
 
 WEIGHTS = ('auto', 'ema', 'raw')
