@@ -11,10 +11,13 @@ from typing import Callable, List
 
 from absl import app, flags, logging
 
-from lib.core import sharding
+from lib.core import compile_cache, sharding
 from lib.core.errors import UserError, WRITE_ERRNOS, failure_reason
 
 _ABORT: List[Callable[[], None]] = []
+_CACHE = flags.DEFINE_string(
+    'compilation_cache', None, 'Persistent compilation cache directory (lib/core/compile_cache.py; '
+    'default $JAX_COMPILATION_CACHE_DIR, else ~/.cache/jax-ablations/xla); none: no cache.')
 
 
 def at_abort(fn: Callable[[], None]) -> None:
@@ -75,12 +78,20 @@ def _parse(argv):
     sys.exit(f'error: bad config {where}: {_one_line(e)}')
 
 
-def run(main) -> None:
+def run(main, report_compiles: bool = False) -> None:
+  """Runs `main` as an absl app with the policies above, the persistent compilation
+  cache on (lib/core/compile_cache.py) and, with `report_compiles`, a last line on what
+  compiling cost (launchers whose last line is JSON leave it off)."""
   def guarded(argv):
     if not flags.FLAGS['verbosity'].present:
       logging.set_verbosity(logging.ERROR)   # Orbax/absl INFO lines drown the progress
     try:
-      return main(argv)
+      compile_cache.enable(_CACHE.value, log=lambda m: print(m, file=sys.stderr))
+      stats = compile_cache.stats()
+      result = main(argv)
+      if report_compiles and stats.programs and sharding.is_primary():
+        print(stats.line(), flush=True)
+      return result
     except UserError as e:
       _exit(1, f'error: {e}')
     except OSError as e:   # a full disk, a read-only or forbidden directory: one line
