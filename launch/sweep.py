@@ -15,7 +15,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from lib.core import cli, distributed, sharding
+from lib.core import cli, determinism, distributed, sharding
 from lib.core.errors import UserError
 from lib.sweeps import runner
 from lib.sweeps import sweep as sweep_lib
@@ -82,6 +82,7 @@ def main(argv):
   if _PROCESSES.value > 1 and (_EXECUTOR.value != 'local' or _PARALLEL.value > 1):
     raise UserError('--processes=N trains each run (or vectorized group) with N processes '
                     'together: use it with --executor=local and --parallel=1')
+  determinism.request(cli.config(_CONFIG).train.deterministic)   # before JAX's backend starts
   status = distributed.run_as_processes('launch.sweep', _PROCESSES.value, _LOCAL_DEVICES.value,
                                         _DISTRIBUTED.value)
   if status is not None:   # this was the launcher of N processes

@@ -8,7 +8,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from lib.core import cli, distributed, sharding
+from lib.core import cli, determinism, distributed, sharding
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:arg].',
                                           lock_config=True)
@@ -26,6 +26,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   del argv
+  determinism.request(cli.config(_CONFIG).train.deterministic)   # before JAX's backend starts
   status = distributed.run_as_processes('launch.train', _PROCESSES.value, _LOCAL_DEVICES.value,
                                         _DISTRIBUTED.value)
   if status is not None:   # this was the launcher of N processes

@@ -24,6 +24,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 # resumed with different values of these, and arms differing in them share a program.
 WATCH_KEYS = ('train.log_every', 'train.tb_histograms', 'train.vectorize',
               'train.vectorize_mode', 'train.max_arms', 'train.checkpoint_every_s',
+              'train.profile_steps', 'train.deterministic',
               # Both input pipelines feed the same batches (lib/data/device.py).
               'data.pipeline', 'data.workers', 'data.prefetch', 'data.max_bad_records')
 NON_SEMANTIC_KEYS = frozenset(WATCH_KEYS)
@@ -90,6 +91,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.vectorize = False
   c.train.vectorize_mode = 'auto'  # auto | vmap (batched ops) | unroll (arm after arm, one program)
   c.train.max_arms = 0          # arms per program at most; 0 = as many as fit in memory
+  # 'START,COUNT': a jax.profiler trace of steps START..START+COUNT-1 to W/profile
+  # (TensorBoard's profile tab; lib/core/profiling.py). '' = off.
+  c.train.profile_steps = ''
+  # Bit-reproducible runs: the XLA flags each backend needs (lib/core/determinism.py), set
+  # before the backend starts and recorded in W/provenance.json.
+  c.train.deterministic = False
   for f in factors.FACTORS.values():
     c[f.section][f.field] = f.initial
   return c

@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import jax
 import numpy as np
 
-from lib.core import sharding
+from lib.core import profiling, sharding
 from lib.data import device
 from lib.runs import lock as lock_lib
 from lib.runs import tying
@@ -110,7 +110,20 @@ def train_arms(eng, books: Sequence[RunBook], log, *, stop_after_step: Optional[
   """Trains the arms of `eng` (one per open RunBook of `books`) to their ends;
   returns {arm: final status}. Each status goes into `finished` as its arm ends, so
   a caller knows which arms ended if this raises. `log` gets a group's own lines;
-  `checkpoint_every_s` (default: each arm's train.checkpoint_every_s) the policy above."""
+  `checkpoint_every_s` (default: each arm's train.checkpoint_every_s) the policy above.
+  train.profile_steps traces those steps into the first arm's W/profile."""
+  profiler = profiling.StepProfiler(eng.program.train.profile_steps, books[0].workdir,
+                                    log=books[0].log)
+  try:
+    return _train_arms(eng, books, log, profiler, stop_after_step=stop_after_step,
+                       checkpoint_every_s=checkpoint_every_s, finished=finished)
+  finally:
+    profiler.stop()   # a trace still running when training ended or failed
+
+
+def _train_arms(eng, books: Sequence[RunBook], log, profiler: profiling.StepProfiler, *,
+                stop_after_step: Optional[int], checkpoint_every_s: Optional[float],
+                finished: Optional[Dict[int, Dict[str, Any]]]) -> Dict[int, Dict[str, Any]]:
   finished = {} if finished is None else finished
   n, total, spe = eng.n, eng.total_steps, eng.steps_per_epoch
   state = _restore(eng, books, finished)
@@ -145,7 +158,9 @@ def train_arms(eng, books: Sequence[RunBook], log, *, stop_after_step: Optional[
       if len(finished) == n:
         break
       continue
+    profiler.before(step)
     state, sums = eng.train_step(state, eng.step_inputs(step), sums, active)
+    profiler.after(step, state)
     done = step + 1
     window_steps += 1
     steps_run += 1

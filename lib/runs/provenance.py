@@ -2,8 +2,9 @@
 
 A record holds the git commit of this checkout and whether it had uncommitted
 changes, the Python and library versions, the devices (kind, count), the
-process count, the host, the command line, the time and the step the session
-started from. A resume under another commit or library version is allowed (a
+process count, the host, the command line, the time, the step the session
+started from, XLA_FLAGS and whether the deterministic flags were in effect
+(train.deterministic, lib/core/determinism.py). A resume under another commit or library version is allowed (a
 bug fix may be why one resumes) but says so in one line.
 """
 import functools
@@ -19,12 +20,13 @@ from importlib import metadata
 from typing import Any, Callable, Dict, List, Optional
 
 from lib.core import config as config_lib
+from lib.core import determinism
 from lib.runs.rundir import RunDir, timestamp, write_json
 
 PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy', 'ml-collections')
 ROOT = config_lib.REPO_ROOT
 # What must match for a resumed run to compute what the first session would have.
-COMPARED = ('git_commit', 'git_dirty', 'python', 'packages')
+COMPARED = ('git_commit', 'git_dirty', 'python', 'packages', 'deterministic')
 
 
 @functools.lru_cache(maxsize=1)
@@ -61,7 +63,7 @@ def collect(start_step: int = 0) -> Dict[str, Any]:
           'device_count': len(devices), 'local_device_count': jax.local_device_count(),
           'process_count': jax.process_count(), 'host': socket.gethostname(),
           'command': shlex.join(sys.argv), 'time': time.strftime('%Y-%m-%dT%H:%M:%S'),
-          'start_step': start_step}
+          'start_step': start_step, **determinism.record()}
 
 
 def differences(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
@@ -69,6 +71,8 @@ def differences(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
   out = []
   for key in COMPARED:
     a, b = old.get(key), new.get(key)
+    if key == 'deterministic':   # records written before it was recorded: off
+      a, b = bool(a), bool(b)
     if key == 'packages':
       out += [f'{p} {(a or {}).get(p)} -> {(b or {}).get(p)}' for p in sorted(set(a or {}) |
                                                                             set(b or {}))

@@ -23,6 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from lib.core import config as config_lib
+from lib.core import determinism
 from lib.core.errors import UserError, failure_reason
 from lib.runs import provenance
 from lib.runs import lock as lock_lib
@@ -50,6 +51,7 @@ class RunBook:
     `hparams` (default: the flattened config) go to TensorBoard's HParams tab.
     """
     self.config = resolve_lib.resolve(config)
+    determinism.request(self.config.train.deterministic)   # before the backend starts, or one line
     self.config_dict = config_lib.to_json_dict(self.config)
     self.workdir, self.fresh, self.log = workdir, fresh, log
     self.hparams = hparams

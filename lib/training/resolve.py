@@ -11,7 +11,7 @@ import json
 
 import ml_collections
 
-from lib.core import factors
+from lib.core import factors, profiling
 from lib.core.config import _mark_resolved, base_config, flatten, is_resolved
 from lib.core.errors import UserError
 from lib.data import datasets as data
@@ -93,6 +93,7 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if config.train.vectorize_mode not in VECTORIZE_MODES:
     raise UserError(f'unknown train.vectorize_mode={config.train.vectorize_mode!r}; valid: '
                     f'{", ".join(VECTORIZE_MODES)}')
+  profiling.parse_steps(config.train.profile_steps)   # one line if malformed
   if not config.train.checkpoint_every_s >= 0:   # NaN too
     raise UserError(f'train.checkpoint_every_s={config.train.checkpoint_every_s} must be >= 0 '
                     '(0 = a checkpoint at every evaluation)')
