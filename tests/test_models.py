@@ -190,3 +190,47 @@ def test_bfloat16_resnet50_computes_in_bfloat16_with_float32_params_and_logits()
   assert logits.dtype == jnp.float32 and logits.shape == (2, 10)
   full = jax.jit(build('resnet50', width=8, stem='imagenet').apply)(v, x)   # in float32
   assert float(jnp.abs(logits - full).max()) < 0.02 * float(jnp.abs(full).max())
+
+
+def _equations(jaxpr):
+  """Every equation of a jaxpr and of the jaxprs inside it (jit, custom rules, branches)."""
+  jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)
+  for e in jaxpr.eqns:
+    yield e
+    for v in e.params.values():
+      for inner in (v if isinstance(v, (list, tuple)) else [v]):
+        if hasattr(inner, 'eqns') or hasattr(inner, 'jaxpr'):
+          yield from _equations(inner)
+
+
+def test_bfloat16_train_step_computes_in_bfloat16_and_keeps_float32_where_it_must():
+  """model.dtype=bfloat16 in the whole train step: every conv and matmul (forward and
+  backward) in bfloat16; softmax and loss, BN statistics, the optimizer, the EMA and the
+  parameters in float32. The one bfloat16 reduction allowed is the head's bias gradient
+  (a sum over the batch of the bfloat16 logits' cotangent, then cast to the f32 params)."""
+  from lib.core import sharding
+  from lib.data import datasets as data
+  from lib.training import engine
+  from conftest import quickstart_mlp
+  c = quickstart_mlp(1, **{'model.name': 'resnet_cifar', 'model.depth': 8, 'model.width': 4,
+                           'model.norm': 'batch', 'model.dtype': 'bfloat16',
+                           'train.batch_size': 32, 'train.ema_decay': 0.9})
+  c = resolve(c)
+  eng = engine.Engine(c, data.load(c.data), sharding.make_mesh(jax.devices()[:1]))
+  state, sums, idx = eng.init_state(), eng.zero_sums(), eng.epoch_indices(0)
+  images, labels = eng.split_on_device('train')
+  args = (state, eng.hparams, images, labels, idx, sums)
+  dtypes = lambda e: {str(v.aval.dtype) for v in e.invars if hasattr(getattr(v, 'aval', None), 'dtype')}
+  eqns = list(_equations(jax.make_jaxpr(eng._train_step)(*args)))
+  matmuls = [e for e in eqns if e.primitive.name in ('conv_general_dilated', 'dot_general')]
+  assert len(matmuls) >= 20 and all(dtypes(e) == {'bfloat16'} for e in matmuls)
+  softmax = [e for e in eqns if e.primitive.name in ('exp', 'log', 'reduce_max')]
+  assert softmax and all(dtypes(e) == {'float32'} for e in softmax)
+  low = [e for e in eqns if e.primitive.name == 'reduce_sum' and 'bfloat16' in dtypes(e)]
+  assert [tuple(e.outvars[0].aval.shape) for e in low] == [(10,)]   # BN's sums are f32
+  new_state, new_sums = jax.eval_shape(eng._train_step, *args)   # dtypes, without compiling
+  for name in ('params', 'opt_state', 'batch_stats', 'ema'):
+    leaves = [x for x in jax.tree.leaves(getattr(new_state, name))
+              if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert leaves and all(x.dtype == jnp.float32 for x in leaves), name
+  assert new_sums['loss'].dtype == jnp.float32
