@@ -1,20 +1,30 @@
 """Benchmark: python -m launch.benchmark [--models=mlp,resnet20] [--batch_size=128]
 [--cifar_dir=../shared/data/cifar-10-batches-py] [--arms=1,2,4,8,16] [--nocheckpoint_pause]
-[--stream=imagenet_local,resnet20_cifar]
+[--stream=imagenet_local,resnet20_cifar] [--deterministic]
 
 Prints tables and, last, one JSON line with every number. With --arms: arms
 trained one by one against one vectorized program, for the quickstart MLP on
 digits and ResNet-20 on 32x32 images (--arm_models), and the wall time of a
 whole sweep of the MLP both ways (--sweep_arms).
+
+  python -m launch.benchmark --suite=accelerator
+
+is the accelerator check (lib/diagnostics/benchmark.py ACCELERATOR_SPEC, under 10
+minutes on one GPU): ResNet-20 and ResNet-50 steps at float32 and bfloat16, 1-16
+vectorized ResNet-20 arms (vmap and unroll), the streaming pipeline, the fast CIFAR
+baseline's epoch, and what train.deterministic costs (ResNet-20's step measured again
+in a process started with its XLA flags).
 """
 import json
 import platform
+import subprocess
+import sys
 
 import jax
 from absl import flags
 
 from experiments import imagenet_resnet, quickstart
-from lib.core import cli
+from lib.core import cli, determinism
 from lib.core.errors import UserError
 from lib.data import datasets as data
 from lib.diagnostics import benchmark
@@ -45,9 +55,44 @@ _STREAM = flags.DEFINE_list('stream', ['imagenet_local'],
 _SWEEP_ARMS = flags.DEFINE_integer('sweep_arms', 8, 'With --arms: also time a whole sweep of '
                                    'this many quickstart runs, one by one and as one group '
                                    '(0: skip).')
-
+_SUITE = flags.DEFINE_enum('suite', 'default', ['default', 'accelerator'],
+                           'default: the measurements the flags above choose; accelerator: the '
+                           'fixed accelerator check (see the module docstring).')
+_DETERMINISTIC = flags.DEFINE_bool('deterministic', False, 'Measure with train.deterministic\'s '
+                                   'XLA flags (lib/core/determinism.py).')
 
 STREAMS = ('imagenet_local', 'resnet20_cifar')
+
+
+def _deterministic_cost(plain: dict) -> dict:
+  """ResNet-20's step in a process started with the deterministic XLA flags, against
+  `plain` (the same step measured in this process)."""
+  cmd = [sys.executable, '-m', 'launch.benchmark', '--models=resnet20',
+         f'--batch_size={plain["batch_size"]}', '--stream=', '--nocheckpoint_pause',
+         '--deterministic']
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+  if out.returncode != 0:
+    return {'error': (out.stderr.strip().splitlines() or ['?'])[-1]}
+  r = json.loads(out.stdout.strip().splitlines()[-1])['train_step'][0]
+  return {'model': 'resnet20', 'plain_examples_per_sec': plain['examples_per_sec'],
+          'deterministic_examples_per_sec': r['examples_per_sec'],
+          'slowdown': plain['examples_per_sec'] / r['examples_per_sec']}
+
+
+def accelerator(machine: str) -> None:
+  from experiments import fast_cifar
+  result = benchmark.accelerator_suite(
+      benchmark.ACCELERATOR_SPEC, stream_config=imagenet_resnet.get_config('local'),
+      fast_config=fast_cifar.get_config())
+  plain = next(r for r in result['train_step']
+               if r['model'] == 'resnet20' and r['dtype'] == 'float32')
+  cost = _deterministic_cost(plain)
+  result['deterministic'] = [cost]
+  print('\ntrain.deterministic: ' + (f'ResNet-20 {cost["deterministic_examples_per_sec"]:,.0f} ex/s '
+                                      f'vs {cost["plain_examples_per_sec"]:,.0f} without, '
+                                      f'{cost["slowdown"]:.2f}x slower' if 'error' not in cost
+                                      else f'not measured: {cost["error"]}'), flush=True)
+  print(json.dumps({'machine': machine, 'jax': jax.__version__, 'suite': 'accelerator', **result}))
 
 
 def main(argv):
@@ -56,9 +101,13 @@ def main(argv):
     if name not in STREAMS or (name == 'resnet20_cifar' and not _CIFAR.value):
       raise UserError(f'unknown --stream entry {name!r} (resnet20_cifar needs --cifar_dir); '
                       f'valid: {", ".join(STREAMS)}')
+  determinism.request(_DETERMINISTIC.value)   # before the backend starts
   devices = jax.devices()
   machine = f'{len(devices)} x {devices[0].device_kind} ({platform.processor() or platform.machine()})'
-  print(f'machine: {machine}, jax {jax.__version__}', flush=True)
+  print(f'machine: {machine}, jax {jax.__version__}' +
+        (' (deterministic XLA flags)' if _DETERMINISTIC.value else ''), flush=True)
+  if _SUITE.value == 'accelerator':
+    return accelerator(machine)
   steps = []
   print(f'{"model":<10} {"batch":>5} {"dtype":>8} {"examples/s":>11} {"step ms":>8} {"compile s":>9}')
   for model in _MODELS.value:

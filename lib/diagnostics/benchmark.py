@@ -21,7 +21,7 @@
 import os
 import tempfile
 import time
-from typing import Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import jax
 import numpy as np
@@ -63,17 +63,19 @@ def _time_steps(eng, steps: int):
 
 
 def step_throughput(model: str, batch_size: int = 128, steps: int = 20, mesh=None,
-                    image_shape=(32, 32, 3), dtype: str = 'float32') -> Dict[str, float]:
+                    image_shape=(32, 32, 3), dtype: str = 'float32',
+                    overrides: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
   c = base_config()
   c.model.name, c.model.dtype = model, dtype
+  c.update_from_flattened_dict(dict(overrides or {}))
   c.train.batch_size = batch_size
   c.augment.crop_padding, c.augment.flip = 4, True
   eng = engine.Engine(resolve(c), synthetic_dataset(batch_size * 4, image_shape),
                       mesh if mesh is not None else sharding.make_mesh())
   step_s, compile_s = _time_steps(eng, steps)
   return {'model': model, 'batch_size': batch_size, 'dtype': dtype,
-          'examples_per_sec': batch_size / step_s, 'step_ms': 1000 * step_s,
-          'compile_s': compile_s}
+          'image_size': image_shape[0], 'examples_per_sec': batch_size / step_s,
+          'step_ms': 1000 * step_s, 'compile_s': compile_s}
 
 
 def loop_overhead(config, steps: int = 20) -> Dict[str, float]:
@@ -273,3 +275,87 @@ def stream_input(config, epochs: int = 2) -> Dict[str, float]:
           'image_size': config.data.image_size, 'workers': eng.data.workers,
           'pipeline_examples_per_sec': (spe - 1) * batch / pipeline_s,
           'train_examples_per_sec': spe * batch / wall, 'wait_fraction': wait / wall}
+
+
+def epoch_time(config, examples: int = 50000) -> Dict[str, float]:
+  """Seconds per training epoch of `config` on `examples` synthetic 32x32 images (its
+  own batch size, augmentation and model; the first step, with its compile, excluded)."""
+  config = resolve(config)
+  dataset = synthetic_dataset(examples)
+  eng = engine.Engine(config, dataset, sharding.make_mesh(), log=lambda m: None)
+  spe = eng.steps_per_epoch
+  state, sums = eng.init_state(), eng.zero_sums()
+  state, sums = eng.train_step(state, eng.step_inputs(0), sums)   # compiles
+  jax.block_until_ready(state)
+  t0 = time.perf_counter()
+  for step in range(1, spe + 1):
+    state, sums = eng.train_step(state, eng.step_inputs(step), sums)
+  jax.block_until_ready(state)
+  seconds = time.perf_counter() - t0
+  batch = config.train.batch_size
+  return {'model': config.model.name, 'examples': examples, 'batch_size': batch,
+          'steps_per_epoch': spe, 'epoch_s': seconds,
+          'examples_per_sec': spe * batch / seconds}
+
+
+# What `launch.benchmark --suite=accelerator` measures, sized for one GPU in under 10
+# minutes. Tests run it with a tiny spec (the same code, other sizes).
+ACCELERATOR_SPEC = {
+    # (model, batch, image side, config overrides), each at every dtype
+    'steps': [('resnet20', 128, 32, {}), ('resnet50', 128, 224, {})],
+    'dtypes': ('float32', 'bfloat16'),
+    'step_count': 20,
+    # vectorized arms of ResNet-20 (batch 128 per arm), both modes
+    'arm_model': ('resnet20', {}), 'arms': (1, 2, 4, 8, 16), 'arm_modes': ('vmap', 'unroll'),
+    'arm_batch': 128, 'arm_steps': 10,
+    'fast_examples': 50000,   # the fast baseline's epoch: CIFAR-10's training set size
+}
+
+
+def accelerator_suite(spec: Dict[str, Any], stream_config=None, fast_config=None,
+                      log=print) -> Dict[str, Any]:
+  """Every measurement of `spec` (ACCELERATOR_SPEC's keys): train-step throughput per
+  model and dtype, vectorized arms per count and mode, the streaming pipeline of
+  `stream_config` and the epoch time of `fast_config` (each skipped when None). Rows are
+  logged as they are measured, with the elapsed time, so a run cut short still shows
+  what it measured."""
+  start = time.perf_counter()
+  elapsed = lambda: f'[{time.perf_counter() - start:5.0f} s]'
+  out = {'train_step': [], 'arms': [], 'stream': [], 'fast_baseline': []}
+  log(f'{"train step":<12} {"image":>5} {"batch":>5} {"dtype":>8} {"examples/s":>11} '
+      f'{"step ms":>8} {"compile s":>9}')
+  for model, batch, side, overrides in spec['steps']:
+    for dtype in spec['dtypes']:
+      r = step_throughput(model, batch, spec['step_count'], image_shape=(side, side, 3),
+                          dtype=dtype, overrides=overrides)
+      out['train_step'].append(r)
+      log(f'{model:<12} {side:>5} {batch:>5} {dtype:>8} {r["examples_per_sec"]:>11,.0f} '
+          f'{r["step_ms"]:>8.1f} {r["compile_s"]:>9.1f} {elapsed()}')
+  model, overrides = spec['arm_model']
+  c = base_config()
+  c.model.name = model
+  c.update_from_flattened_dict(dict(overrides))
+  c.train.batch_size = spec['arm_batch']
+  c.augment.crop_padding, c.augment.flip = 4, True
+  dataset = synthetic_dataset(spec['arm_batch'] * 4)
+  log(f'\n{"arms of " + model:<16} {"mode":>6} {"mesh":>5} {"one arm ex/s":>12} '
+      f'{"all arms ex/s":>13} {"speedup":>7} {"compile s":>9}')
+  for mode in spec['arm_modes']:
+    for r in arms_throughput(c, dataset, spec['arms'], spec['arm_steps'], mode=mode):
+      out['arms'].append(r)
+      log(f'{r["arms"]:>16} {r["mode"]:>6} {r["mesh"]:>5} '
+          f'{r["one_by_one_examples_per_sec"]:>12,.0f} {r["vectorized_examples_per_sec"]:>13,.0f} '
+          f'{r["speedup"]:>6.2f}x {r["compile_s"]:>9.1f} {elapsed()}')
+  if stream_config is not None:
+    r = stream_input(stream_config)
+    out['stream'].append(r)
+    log(f'\nstream input: {r["model"]} on {r["data"]}, {r["workers"]} workers: pipeline '
+        f'{r["pipeline_examples_per_sec"]:,.0f} ex/s, training {r["train_examples_per_sec"]:,.0f} '
+        f'ex/s, waiting {r["wait_fraction"]:.1%} {elapsed()}')
+  if fast_config is not None:
+    r = epoch_time(fast_config, spec['fast_examples'])
+    out['fast_baseline'].append(r)
+    log(f'\nfast baseline: {r["model"]}, batch {r["batch_size"]}: {r["epoch_s"]:.2f} s per '
+        f'epoch of {r["examples"]:,} images ({r["examples_per_sec"]:,.0f} ex/s) {elapsed()}')
+  out['seconds'] = time.perf_counter() - start
+  return out
