@@ -179,7 +179,7 @@ def train_arms(eng, books: Sequence[RunBook], log, *, stop_after_step: Optional[
   _header(eng, books, starts, log)
   every = [b.config.train.checkpoint_every_s if checkpoint_every_s is None
            else checkpoint_every_s for b in books]
-  cfg = eng.program
+  cfg = eng.program   # the first program's cadence (log_every, a watch key) stays after a repack
   ema = state_lib.has_ema(cfg)   # the arms of one program all keep one, or none do
   meta_base = checkpoint_meta(eng.base)
   batch = cfg.train.batch_size
