@@ -1,11 +1,12 @@
 """Benchmark: python -m launch.benchmark [--models=mlp,resnet20] [--batch_size=128]
 [--cifar_dir=../shared/data/cifar-10-batches-py] [--arms=1,2,4,8,16] [--nocheckpoint_pause]
-[--stream=imagenet_local,resnet20_cifar] [--deterministic]
+[--stream=imagenet_local,resnet20_cifar] [--repack=8] [--deterministic]
 
 Prints tables and, last, one JSON line with every number. With --arms: arms
 trained one by one against one vectorized program, for the quickstart MLP on
 digits and ResNet-20 on 32x32 images (--arm_models), and the wall time of a
-whole sweep of the MLP both ways (--sweep_arms).
+whole sweep of the MLP both ways (--sweep_arms). With --repack=N: N MLP runs as one
+group, half of them diverging at once, with train.repack off and on.
 
   python -m launch.benchmark --suite=accelerator
 
@@ -55,6 +56,8 @@ _STREAM = flags.DEFINE_list('stream', ['imagenet_local'],
 _SWEEP_ARMS = flags.DEFINE_integer('sweep_arms', 8, 'With --arms: also time a whole sweep of '
                                    'this many quickstart runs, one by one and as one group '
                                    '(0: skip).')
+_REPACK = flags.DEFINE_integer('repack', 0, 'Time a group of this many MLP runs on digits, half '
+                               'diverging at once, with train.repack off and on (0: skip).')
 _SUITE = flags.DEFINE_enum('suite', 'default', ['default', 'accelerator'],
                            'default: the measurements the flags above choose; accelerator: the '
                            'fixed accelerator check (see the module docstring).')
@@ -167,6 +170,16 @@ def main(argv):
     print(f'\nwhole sweep: {r["arms"]} quickstart runs ({r["epochs"]} epochs each): one by one '
           f'{r["one_by_one_s"]:.1f} s, as one group {r["group_s"]:.1f} s, '
           f'speedup {r["speedup"]:.2f}x', flush=True)
+  repacks = []
+  if _REPACK.value:   # the quickstart MLP made compute-bound: its step, not the loop, dominates
+    c = quickstart.get_config()
+    c.model.width, c.train.batch_size, c.train.epochs = 1024, 128, 10
+    repacks.append(benchmark.repack_wall_time(c, _REPACK.value, mode=_MODE.value))
+  for r in repacks:
+    print(f'\nrepack: {r["arms"]} {r["model"]} runs, {r["epochs"]} epochs ({r["mode"]}), half '
+          f'diverged: after the 1st evaluation {r["off_remaining_s"]:.1f} s -> repacked '
+          f'{r["on_remaining_s"]:.1f} s ({r["remaining_speedup"]:.2f}x, recompile '
+          f'{r["recompile_s"]} s); in all {r["off_s"]:.1f} s -> {r["on_s"]:.1f} s', flush=True)
   streams = []
   if _STREAM.value:
     print(f'\n{"stream input":<30} {"workers":>7} {"pipeline ex/s":>13} {"train ex/s":>10} '
@@ -180,7 +193,7 @@ def main(argv):
           f'{r["wait_fraction"]:>8.1%}', flush=True)
   print(json.dumps({'machine': machine, 'jax': jax.__version__, 'train_step': steps,
                     'epoch_loop': loops, 'checkpoint_pause': pauses, 'arms': arms,
-                    'sweep': sweeps, 'stream': streams}))
+                    'sweep': sweeps, 'repack': repacks, 'stream': streams}))
 
 
 if __name__ == '__main__':

@@ -51,7 +51,8 @@ _VECTORIZE = flags.DEFINE_bool('vectorize', None, 'Train runs that share a progr
                                 'data, batch, schedule; other seeds and strengths) together as '
                                 'arms of one compiled program. Default: the config\'s '
                                 'train.vectorize. Arms per program: train.max_arms (0 = as many '
-                                'as fit in memory); how: train.vectorize_mode.')
+                                'as fit in memory); how: train.vectorize_mode; arms that '
+                                'end early leave the program: train.repack.')
 _KILL = flags.DEFINE_string('debug_kill_at', None, 'RUN_INDEX:STEP: stop the sweep after that '
                             'pending run\'s first checkpoint at or past STEP (tests resume).')
 _PROCESSES, _LOCAL_DEVICES = distributed.define_flags()

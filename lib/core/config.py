@@ -23,8 +23,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 # Keys that change how a run is watched, not what it computes: a workdir may be
 # resumed with different values of these, and arms differing in them share a program.
 WATCH_KEYS = ('train.log_every', 'train.tb_histograms', 'train.vectorize',
-              'train.vectorize_mode', 'train.max_arms', 'train.checkpoint_every_s',
-              'train.profile_steps', 'train.deterministic',
+              'train.vectorize_mode', 'train.max_arms', 'train.repack',
+              'train.checkpoint_every_s', 'train.profile_steps', 'train.deterministic',
               # Both input pipelines feed the same batches (lib/data/device.py).
               'data.pipeline', 'data.workers', 'data.prefetch', 'data.max_bad_records')
 NON_SEMANTIC_KEYS = frozenset(WATCH_KEYS)
@@ -91,6 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.vectorize = False
   c.train.vectorize_mode = 'auto'  # auto | vmap (batched ops) | unroll (arm after arm, one program)
   c.train.max_arms = 0          # arms per program at most; 0 = as many as fit in memory
+  # Once a quarter of a program's arms ended (early stop, divergence), with an epoch or more
+  # left: recompile for the live arms at the next evaluation (lib/runs/loop.py).
+  c.train.repack = True
   # 'START,COUNT': a jax.profiler trace of steps START..START+COUNT-1 to W/profile
   # (TensorBoard's profile tab; lib/core/profiling.py). '' = off.
   c.train.profile_steps = ''

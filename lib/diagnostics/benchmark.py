@@ -13,12 +13,16 @@
 * sweep wall time: N whole runs (train_and_evaluate, one after another) against
   the same N runs as one group (train_group), compile, evaluation and
   checkpoints included;
+* repacking: a group of N runs of which half diverge at once, with train.repack
+  off and on: wall time in all and over the epochs after the first evaluation,
+  where repacking moves the live half into a program of its own;
 * the streaming input pipeline (data.pipeline=stream): examples/s of the
   pipeline alone (read, decode, host transforms, put on the devices; no step),
   and the share of a real epoch's training time the step loop spends waiting for
   its next batch.
 """
 import os
+import re
 import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence
@@ -26,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import jax
 import numpy as np
 
-from lib.core import sharding
+from lib.core import cache, sharding
 from lib.core.config import base_config
 from lib.data import datasets as data
 from lib.data import device
@@ -230,6 +234,45 @@ def sweep_wall_time(config, n: int, devices=None) -> Dict[str, float]:
   return {'model': config.model.name, 'data': config.data.source, 'arms': n,
           'epochs': config.train.epochs, 'one_by_one_s': one_s, 'group_s': group_s,
           'speedup': one_s / group_s}
+
+
+def repack_wall_time(config, arms: int = 8, devices=None, mode: str = 'auto') -> Dict[str, float]:
+  """A group of `arms` runs of `config` (seeds 0..arms-1) whose second half diverges in
+  its first steps (optim.lr 1e6; found by the first evaluation), trained with
+  train.repack off and on, each from an empty process cache (its compiles counted).
+  Wall seconds in all, and over the epochs after the first evaluation: the ones a
+  repack speeds up, read from a live arm's metrics.jsonl (the recompile included).
+  `recompile_s`: the repack's own time, from its log line. Repacking shrinks the step
+  and the evaluations, not each live arm's checkpoints and metrics: it shows where the
+  step dominates (launch.benchmark widens the quickstart MLP to 1024, batch 128)."""
+  config = resolve(config)
+  configs = []
+  for seed in range(arms):
+    c = config.copy_and_resolve_references()
+    c.unlock()
+    c.seed = seed
+    if seed >= arms - arms // 2:
+      c.optim.lr = 1e6
+    configs.append(c)
+  out = {'model': config.model.name, 'data': config.data.source, 'arms': arms,
+         'epochs': config.train.epochs}
+  with tempfile.TemporaryDirectory() as tmp:
+    for repack in (False, True):
+      name = 'on' if repack else 'off'
+      lines = []
+      cache.process_cache().clear()
+      t0 = time.perf_counter()
+      group_train.train_group(configs, [os.path.join(tmp, f'{name}_{i}') for i in range(arms)],
+                              log=lines.append, devices=devices, mode=mode, repack=repack)
+      out[f'{name}_s'] = time.perf_counter() - t0
+      rows = RunDir(os.path.join(tmp, f'{name}_0')).read_metrics()
+      out[f'{name}_remaining_s'] = rows[-1]['wall_time'] - rows[0]['wall_time']
+      out['mode'] = re.search(r'as one program \((\w+);', '\n'.join(lines)).group(1)
+    done = [re.search(r'in ([0-9.]+) s$', l) for l in lines if l.startswith('repacked')]
+    out['recompile_s'] = float(done[0].group(1)) if done else None   # None: it did not repack
+  out['remaining_speedup'] = out['off_remaining_s'] / out['on_remaining_s']
+  out['speedup'] = out['off_s'] / out['on_s']
+  return out
 
 
 def stream_input(config, epochs: int = 2) -> Dict[str, float]:

@@ -16,7 +16,9 @@ own train.checkpoint_every_s, which may differ between arms of one program.
 
 Memory. The arms are split into programs that fit the devices: XLA's memory
 analysis of the compiled step against 90% of an accelerator's memory (half
-the host's for CPU devices), or at most `max_arms` per program.
+the host's for CPU devices), or at most `max_arms` per program. A program whose
+arms end early shrinks to its live ones (train.repack: lib/runs/loop.py), which
+need less.
 """
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -63,11 +65,14 @@ def train_group(configs: Sequence, workdirs: Sequence[str], *, logs: Optional[Se
                 log: Callable = echo, hparams: Optional[Sequence[Dict[str, Any]]] = None,
                 stop_after_step: Optional[int] = None, devices=None, mode: Optional[str] = None,
                 max_arms: Optional[int] = None, memory_budget: Optional[int] = None,
-                resume_every_s: Optional[float] = None) -> List[Dict[str, Any]]:
+                resume_every_s: Optional[float] = None,
+                repack: Optional[bool] = None) -> List[Dict[str, Any]]:
   """Trains every config in its workdir, as arms of as few programs as fit.
 
-  `logs[i]` receives arm i's lines (its log.txt); `log` the group's. mode and
-  max_arms default to the first config's train.vectorize_mode / max_arms;
+  `logs[i]` receives arm i's lines (its log.txt); `log` the group's. mode,
+  max_arms and repack default to the first config's train.vectorize_mode /
+  max_arms / repack (a program of arms that ended early is repacked to its live
+  ones: lib/runs/loop.py);
   resume_every_s, when given, overrides every arm's train.checkpoint_every_s.
   Returns each arm's final status, in order. Bad input raises UserError before
   anything is written.
@@ -82,6 +87,7 @@ def train_group(configs: Sequence, workdirs: Sequence[str], *, logs: Optional[Se
   first = books[0].config
   mode = mode or first.train.vectorize_mode
   max_arms = first.train.max_arms if max_arms is None else max_arms
+  repack = first.train.repack if repack is None else repack
   devices = list(devices if devices is not None else jax.devices())
   dataset = data.load(first.data)
   pipeline, why = stream.choose(first.data.pipeline, dataset, device.memory_budget(devices))
@@ -119,7 +125,7 @@ def train_group(configs: Sequence, workdirs: Sequence[str], *, logs: Optional[Se
         finished: Dict[int, Dict[str, Any]] = {}
         try:
           loop.train_arms(eng, [books[i] for i in chunk], log, stop_after_step=stop_after_step,
-                          checkpoint_every_s=resume_every_s, finished=finished)
+                          checkpoint_every_s=resume_every_s, finished=finished, repack=repack)
         finally:
           ended.update({chunk[j]: status for j, status in finished.items()})
   except (Exception, KeyboardInterrupt) as e:

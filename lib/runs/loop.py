@@ -21,6 +21,20 @@ uninterrupted one exactly. Arms that are behind train while the others wait
 
 An error of one arm (no checkpoint restores; its lock taken over) ends that arm
 and the others go on; a run trained alone raises it.
+
+Repacking (train.repack, on by default). An arm that ended (early stopping,
+divergence, an error of its own) is frozen by the step's mask but still costs its
+share of every step. At an evaluation, once a quarter of the program's arms have
+ended and at least an epoch of training is left, the live arms go on in a program
+of their own: VectorEngine.repacked compiles it and carries their states over
+exactly, and since an arm's data order and random streams are functions of its
+own seed and the step, it goes on as it would have. Its metrics equal those
+without repacking up to float rounding (the new program may split the devices
+differently, as a group of those arms would). Not while a live arm waits for the
+others to reach its start (a resumed group): that program is repacked at a later
+evaluation. The decision reads only the arms' statuses and the step, which every
+process of a multi-host job has alike. `finished` keeps the arms' indices in the
+first program; the group log and each live arm's log.txt say where it repacked.
 """
 import time
 from typing import Any, Dict, List, Optional, Sequence
@@ -103,28 +117,69 @@ def _restore(eng, books: Sequence[RunBook], finished: Dict[int, Dict[str, Any]])
   return eng.stack([s if s is not None else eng.init_arm(i, ref) for i, s in enumerate(restored)])
 
 
+class _Renumbered(dict):
+  """Final statuses by an arm's place in the current (repacked) program, each also
+  written to `out` under the arm's index in the first program, the caller's."""
+
+  def __init__(self, out: Dict[int, Dict[str, Any]], ids: Sequence[int]):
+    super().__init__()
+    self.out, self.ids = out, list(ids)
+
+  def __setitem__(self, i: int, status: Dict[str, Any]) -> None:
+    super().__setitem__(i, status)
+    self.out[self.ids[i]] = status
+
+
+def repack_pays(n: int, live: Sequence[int], starts: Sequence[int], done: int, total: int,
+                steps_per_epoch: int) -> bool:
+  """Whether to repack a program of `n` arms to its `live` ones after step `done`: a
+  quarter of them ended, an epoch or more is left, and no live arm waits for a later
+  start (they are all at `done`)."""
+  return (0 < len(live) and n - len(live) >= n / 4 and total - done >= steps_per_epoch
+          and all(starts[i] <= done for i in live))
+
+
+def _repack(eng, state, live: List[int], books: Sequence[RunBook], done: int, log):
+  """The live arms' engine and states (VectorEngine.repacked), with the lines that say so."""
+  t0 = time.time()
+  new, state = eng.repacked(state, live)
+  mesh = f'mesh {new.mesh.shape[sharding.ARMS]} arms x {new.mesh.shape[sharding.DATA]} data'
+  log(f'repacked at step {done}: {eng.n - len(live)} of {eng.n} arms ended; recompiled for '
+      f'the {new.n} live arm{"s" if new.n > 1 else ""} ({new.mode}; {mesh}) in '
+      f'{time.time() - t0:.1f} s')
+  for j, i in enumerate(live):
+    books[i].log(f'repacked at step {done}: {eng.n - len(live)} of {eng.n} arms ended; '
+                 f'training as arm {j + 1} of {new.n} in one program ({new.mode})')
+  return new, state
+
+
 def train_arms(eng, books: Sequence[RunBook], log, *, stop_after_step: Optional[int] = None,
                checkpoint_every_s: Optional[float] = None,
-               finished: Optional[Dict[int, Dict[str, Any]]] = None
-               ) -> Dict[int, Dict[str, Any]]:
+               finished: Optional[Dict[int, Dict[str, Any]]] = None,
+               repack: Optional[bool] = None) -> Dict[int, Dict[str, Any]]:
   """Trains the arms of `eng` (one per open RunBook of `books`) to their ends;
   returns {arm: final status}. Each status goes into `finished` as its arm ends, so
   a caller knows which arms ended if this raises. `log` gets a group's own lines;
-  `checkpoint_every_s` (default: each arm's train.checkpoint_every_s) the policy above.
+  `checkpoint_every_s` (default: each arm's train.checkpoint_every_s) the policy above;
+  `repack` (default: the program's train.repack) whether a group repacks as above.
   train.profile_steps traces those steps into the first arm's W/profile."""
   profiler = profiling.StepProfiler(eng.program.train.profile_steps, books[0].workdir,
                                     log=books[0].log)
   try:
     return _train_arms(eng, books, log, profiler, stop_after_step=stop_after_step,
-                       checkpoint_every_s=checkpoint_every_s, finished=finished)
+                       checkpoint_every_s=checkpoint_every_s, finished=finished, repack=repack)
   finally:
     profiler.stop()   # a trace still running when training ended or failed
 
 
 def _train_arms(eng, books: Sequence[RunBook], log, profiler: profiling.StepProfiler, *,
                 stop_after_step: Optional[int], checkpoint_every_s: Optional[float],
-                finished: Optional[Dict[int, Dict[str, Any]]]) -> Dict[int, Dict[str, Any]]:
+                finished: Optional[Dict[int, Dict[str, Any]]],
+                repack: Optional[bool]) -> Dict[int, Dict[str, Any]]:
   finished = {} if finished is None else finished
+  out = finished   # keyed by the arms' indices in `eng`, which repacking renumbers
+  repack = eng.grouped and (eng.program.train.repack if repack is None else repack)
+  ids = list(range(eng.n))   # each current arm's index in the first program
   n, total, spe = eng.n, eng.total_steps, eng.steps_per_epoch
   state = _restore(eng, books, finished)
   for i, b in enumerate(books):
@@ -138,7 +193,7 @@ def _train_arms(eng, books: Sequence[RunBook], log, profiler: profiling.StepProf
   _header(eng, books, starts, log)
   every = [b.config.train.checkpoint_every_s if checkpoint_every_s is None
            else checkpoint_every_s for b in books]
-  cfg = eng.program
+  cfg = eng.program   # the first program's cadence (log_every, a watch key) stays after a repack
   ema = state_lib.has_ema(cfg)   # the arms of one program all keep one, or none do
   meta_base = checkpoint_meta(eng.base)
   batch = cfg.train.batch_size
@@ -218,24 +273,37 @@ def _train_arms(eng, books: Sequence[RunBook], log, profiler: profiling.StepProf
       accs_val = [chosen[i] for i in stepped]
       log(f'  eval step {done}: val_accuracy {_summary(accs_val)} over {len(stepped)} arms'
           f' ({len(save)} checkpoints saved)')
-    sums = eng.zero_sums()
-    segment_start = time.time()   # evaluation and saving are not train time
-    window_start = segment_start
     if stopping and len(finished) < n:
       for b in books:
         b.checkpoints.wait()
       raise Preempted(f'stopped after step {done} (stop_after_step)')
+    live = [i for i in range(n) if i not in finished]
+    if repack and repack_pays(n, live, starts, done, total, spe):
+      if not eng.can_repack(len(live)):   # the live arms' mesh would not split the batch
+        log(f'not repacking: a program of {len(live)} arms would not split the batch of '
+            f'{batch} over its devices')
+        repack = False
+      else:   # the same arms in a smaller program: each list renumbered alike
+        eng, state = _repack(eng, state, live, books, done, log)
+        ids = [ids[i] for i in live]
+        books, starts, every, last_resume_point = (
+            [x[i] for i in live] for x in (books, starts, every, last_resume_point))
+        n, finished = eng.n, _Renumbered(out, ids)
+        stale, start_steps = True, set(starts)
+    sums = eng.zero_sums()
+    segment_start = time.time()   # evaluation and saving are not train time
+    window_start = segment_start
   seconds = time.time() - group_start
   for i, b in enumerate(books):
     if i not in finished:   # the last save's background write may fail here (a full disk)
       finished[i] = b.finish(total, seconds)
   if eng.grouped:
-    best = [s['best_val_accuracy'] for s in finished.values()
+    best = [s['best_val_accuracy'] for s in out.values()
             if s.get('status') == 'done' and s.get('best_val_accuracy') is not None]
     log(f'done in {format_duration(seconds)}: ' + (
         f'best val_accuracy {_summary(best)} over {len(best)} arms' if best
         else 'no arm finished'))
-  return finished
+  return out
 
 
 def _evaluated(eng, book: RunBook, i: int, state, done: int, loss: float, acc: float,

@@ -129,6 +129,13 @@ class Engine:
     if self.pipeline == 'stream':
       self.data.close()
 
+  def drop_device_data(self) -> None:
+    """Frees the resident splits on the devices (uploaded again if this engine is used
+    later): for an engine that is done, before another one uploads its own copy."""
+    if self.pipeline != 'stream':
+      self.data = device.DeviceSplits(self.dataset, self.mesh, self.config.train.eval_batch_size)
+      self._epoch = (None, None)
+
   def learning_rate(self, step: int) -> float:
     return float(self.config.optim.lr * self.lr_multiplier(step))
 

@@ -17,10 +17,12 @@ the step), its own strengths. Two ways to vectorize the same single-arm step
 convolutions of vmap about 4x slower per arm than plain ones, measured) and for a
 single arm, vmap everywhere else.
 A boolean `active` per arm freezes arms that have finished or have not caught
-up yet (a group resumed from checkpoints of different steps).
+up yet (a group resumed from checkpoints of different steps). Arms that have
+finished still cost their share of every step; `repacked` builds the program of
+the live arms only and carries their states over (lib/runs/loop.py decides when).
 """
 import json
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +61,12 @@ def arm_axis_size(n_devices: int, n_arms: int, batch: int, mode: str) -> int:
   return 1
 
 
+def splits_batch(n_devices: int, n_arms: int, batch: int, mode: str) -> bool:
+  """Whether the mesh `arm_axis_size` picks for `n_arms` splits the batch over its data
+  axis (it falls back to all devices on the data axis where nothing divides)."""
+  return batch % (n_devices // arm_axis_size(n_devices, n_arms, batch, mode)) == 0
+
+
 def _stack(trees):
   if len(trees) == 1:   # a reshape, not a copy
     return jax.tree.map(lambda x: x[None], trees[0])
@@ -85,6 +93,7 @@ class VectorEngine:
     self.n = len(self.configs)
     self.program = arms_lib.program_config(self.configs)
     devices = list(devices if devices is not None else jax.devices())
+    self.devices, self.mode_setting = devices, mode   # what a repacked engine is built with
     self.mode = resolve_mode(mode, self.program, devices[0].platform, self.n)
     batch = self.program.train.batch_size
     self.mesh = sharding.make_arm_mesh(
@@ -167,6 +176,31 @@ class VectorEngine:
   def arm_state(self, state, i: int) -> state_lib.TrainState:
     """Arm i's state as its own (replicated) arrays, e.g. to save it."""
     return self._arm_state(state, jnp.int32(i))
+
+  def can_repack(self, n_arms: int) -> bool:
+    """Whether a program of `n_arms` of these arms splits the batch over its mesh
+    (fewer arms can put fewer devices on the arm axis, so more on the data axis)."""
+    mode = resolve_mode(self.mode_setting, self.program, self.devices[0].platform, n_arms)
+    return splits_batch(len(self.devices), n_arms, self.program.train.batch_size, mode)
+
+  def repacked(self, state, arms: Sequence[int]) -> Tuple['VectorEngine', state_lib.TrainState]:
+    """(engine, state): the program of `arms` only (in this order) and their states,
+    carried over exactly: every field of each arm's TrainState (params, optimizer
+    state, batch statistics, EMA, anchor, root key, step). The engine is the one a
+    group of those arms' configs gets (their program config, the mesh their count
+    picks, this engine's mode setting), so a resumed group of the same arms shares
+    its compiled step (the process cache). Nothing an arm computes depends on its
+    place in the program: its strengths, seed and so its init, data order and
+    random streams come from its own config. This engine's data leaves the devices
+    before the new engine's arrives (one copy at a time); the new step is compiled
+    here, so the caller can time the recompilation."""
+    kept = [self.arm_state(state, i) for i in arms]
+    new = VectorEngine([self.configs[i] for i in arms], self.dataset, self.devices,
+                       self.mode_setting)   # nothing on the devices yet
+    self.base.drop_device_data()
+    self._epoch = (None, None)
+    new._step(False)
+    return new, new.stack([jax.device_put(s, new.rep) for s in kept])
 
   # ----- training -----
   def _step_fn(self, masked: bool):
