@@ -35,6 +35,7 @@ def pytest_configure(config):
 # `--dist loadscope` each module goes whole to one worker in collection order: started first,
 # they do not end the run on one worker while the other idles.
 LONGEST_FIRST = ('test_factors.py', 'test_faults.py', 'test_multiprocess.py', 'test_vectorize.py',
+                 'test_repack.py',
                  'test_stream.py', 'test_regularize.py', 'test_sweep.py', 'test_bagging.py',
                  'test_fmp.py', 'test_diagnose.py',
                  'test_lifecycle.py', 'test_models.py', 'test_train.py')
