@@ -18,10 +18,12 @@ from lib.core.errors import UserError
 from lib.data import datasets as data
 from lib.model import models, whitening
 from lib.runs.rundir import RunDir
+from lib.runs import train
 from lib.runs.train import train_and_evaluate
 from lib.training import arms, augment, engine, eval_step, optim
 from lib.training import state as state_lib
 from lib.training.resolve import resolve
+from conftest import assert_same_metrics
 
 quiet = lambda message: None
 
@@ -351,3 +353,16 @@ def test_fast_cifar_shrunk_trains_and_evaluates_with_tta(npz, tmp_path):
   with_tta, without = eng.evaluate(state, 'val'), eng.evaluate(state, 'val', 'none')
   assert with_tta['num_examples'] == without['num_examples'] == 60
   assert with_tta['loss'] != without['loss']
+
+
+def test_a_killed_fast_cifar_run_resumes_bit_identically(npz, tmp_path):
+  """The slow weights and the steps since a sync (optimizer state), the frozen filters and
+  the epoch of the alternating flips all come back from the checkpoint."""
+  config = tiny(npz, **{'train.epochs': 2, 'train.eval_every': 3})   # 8 steps an epoch
+  whole, resumed = str(tmp_path / 'whole'), str(tmp_path / 'resumed')
+  train_and_evaluate(config, whole, log=quiet)
+  with pytest.raises(train.Preempted):   # at step 9: in epoch 1, between syncs at 5 and 10
+    train_and_evaluate(config, resumed, log=quiet, stop_after_step=7)
+  assert RunDir(resumed).read_metrics()[-1]['step'] == 9
+  train_and_evaluate(config, resumed, log=quiet)
+  assert_same_metrics(resumed, whole, atol=0)
