@@ -21,6 +21,7 @@ from lib.runs.rundir import RunDir
 from lib.runs import train
 from lib.runs.train import train_and_evaluate
 from lib.training import arms, augment, engine, eval_step, optim
+from lib.training import vector_engine as ve
 from lib.training import state as state_lib
 from lib.training.resolve import resolve
 from conftest import assert_same_metrics
@@ -290,6 +291,28 @@ def test_new_factors_group_arms_as_declared():
   assert group({'augment.flip_mode': 'alternate'}, {}) == [[0, 1]]
   assert len(group({'augment.flip': True, 'augment.flip_mode': 'alternate'},
                    {'augment.flip': True})) == 2
+
+
+def test_arms_differing_in_traced_strengths_train_as_their_own_runs(npz):
+  """Two arms of one program (seed, Lookahead's alpha, the norm-rate scale differ; both
+  whitened, both alternating flips): each arm's weights after 6 steps are its own run's."""
+  configs = [resolve(tiny(npz)),
+             resolve(tiny(npz, **{'seed': 1, 'optim.lookahead_alpha': 0.8,
+                                  'optim.norm_lr_scale': 16.0}))]
+  assert arms.group([config_lib.to_json_dict(c) for c in configs])[0] == [[0, 1]]
+  dataset = data.load(configs[0].data)
+  veng = ve.VectorEngine(configs, dataset, jax.devices()[:1])
+  state, sums = veng.stack([veng.init_arm(0), veng.init_arm(1)]), veng.zero_sums()
+  for step in range(6):
+    state, sums = veng.train_step(state, veng.step_inputs(step), sums)
+  for i, config in enumerate(configs):
+    eng = engine.Engine(config, dataset, sharding.make_mesh(jax.devices()[:1]))
+    alone, z = eng.init_state(), eng.zero_sums()
+    for step in range(6):
+      alone, z = eng.train_step(alone, eng.step_inputs(step), z)
+    for a, b in zip(jax.tree.leaves(host(veng.arm_state(state, i).params)),
+                    jax.tree.leaves(host(alone.params))):
+      np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- TTA
