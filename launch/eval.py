@@ -1,5 +1,5 @@
 """Evaluate a checkpoint: python -m launch.eval --workdir=W [--checkpoint=best|latest|STEP]
-[--split=val|test] [--tta=none|flip|crops] [--weights=auto|ema|raw]
+[--split=val|test] [--tta=none|flip|crops|flip_translate] [--weights=auto|ema|raw]
 [--data_source=npz|cifar_dir --data_path=P]
 
 Prints one JSON line last: {"accuracy", "loss", "num_examples", "step"} (+ "weights" for a
@@ -15,7 +15,7 @@ import sys
 
 from absl import flags
 
-from lib.core import cli, distributed, sharding
+from lib.core import cli, distributed, factors, sharding
 from lib.core.errors import UserError
 from lib.runs import evaluate
 
@@ -24,9 +24,11 @@ _ENSEMBLE = flags.DEFINE_list('ensemble', None, 'Run directories (or sweep arm d
                               'for their seeds) whose softmax outputs are averaged.')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', 'best', 'best, latest or a step number.')
 _SPLIT = flags.DEFINE_enum('split', 'val', ['val', 'test', 'train'], 'Split to evaluate.')
-_TTA = flags.DEFINE_enum('tta', None, ['none', 'flip', 'crops'],
-                         'Test-time augmentation: flip averaging, or 10 crops (corners + centre, '
-                         'each with its flip). Default: the run\'s train.eval_tta.')
+_TTA = flags.DEFINE_enum('tta', None, list(factors.FACTORS['train.eval_tta'].choices),
+                         'Test-time augmentation: flip averaging, 10 crops (corners + centre, '
+                         'each with its flip), or flip_translate (the image and its flip, each '
+                         'also shifted 1 px both ways; airbench\'s). Default: the run\'s '
+                         'train.eval_tta.')
 _WEIGHTS = flags.DEFINE_enum('weights', 'auto', ['auto', 'ema', 'raw'],
                              'raw: the trained weights; ema: their moving average (runs with '
                              'train.ema_decay on); auto: the ones that picked the best checkpoint '

@@ -159,6 +159,20 @@ declare('optim.lr', None, 'peak learning rate (after warmup)', 'optimizer',
         (lambda v: _number(v) and v > 0, 'positive'), traced=True, default=0.1)
 declare('optim.weight_decay', 0.0, 'decoupled weight decay `w -= lr * wd * w` (kernels only)',
         'optimizer', _nonneg, traced=True)
+declare('optim.norm_lr_scale', 1.0,
+        'learning-rate multiplier of the normalization layers\' offsets (and scales, where '
+        'learned): their update after the optimizer\'s direction, before decoupled decay '
+        '(airbench\'s 64x for BatchNorm biases)', 'optimizer',
+        (lambda v: _number(v) and math.isfinite(v) and v > 0, 'positive'), traced=True,
+        switch=True)
+declare('optim.lookahead', 0,
+        'Lookahead (Zhang et al. 2019, optax.lookahead around the whole update): every k steps '
+        'the slow weights move `slow += alpha * (fast - slow)` and the fast weights restart '
+        'from them (k = this; weights only, not batch statistics)', 'optimizer',
+        (lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0,
+         'an integer >= 0'))
+declare('optim.lookahead_alpha', None, 'Lookahead: the slow weights\' step size alpha',
+        'optimizer', in_range(0, 1, closed_lo=False, closed_hi=True), traced=True, default=0.5)
 declare('regularize.l2', 0.0, 'L2 penalty `lambda/2 * sum w^2`', 'loss', _nonneg, traced=True)
 declare('regularize.l1', 0.0, 'L1 penalty `lambda * sum abs(w)`', 'loss', _nonneg, traced=True)
 declare('regularize.decay_all_params', False,
@@ -209,6 +223,11 @@ declare('regularize.adversarial_eps', 0.0,
         _nonneg, traced=True)
 declare('augment.crop_padding', 0, 'random crop after zero-padding (pixels)', 'pixel', _nonneg)
 declare('augment.flip', False, 'random horizontal flip', 'pixel', boolean())
+declare('augment.flip_mode', 'random',
+        'which images the flip mirrors: `random` (each with p = 1/2, drawn every step) or '
+        '`alternate` (airbench\'s derandomized flip: a random half, fixed per seed, in even '
+        'epochs and the other half in odd ones; the resident pipeline only)', 'pixel',
+        choices=('random', 'alternate'), of='augment.flip')
 # A resized crop of scale 1 is the whole image: the identity of an arm without it.
 declare('augment.resized_crop_scale', 0.0,
         'random resized crop (area in [s, 1], aspect 3/4..4/3, bilinear; s = min area)', 'pixel',
@@ -245,8 +264,10 @@ declare('train.early_stop_patience', 0,
         'checkpoint is kept and is what `launch.eval` uses', 'stop', _nonneg)
 declare('train.eval_tta', 'none',
         'test-time augmentation of evaluations (and `launch.eval --tta`): `flip`, `crops` (4 '
-        'corners + centre of the 4-px padded image, each with its flip)', 'eval',
-        choices=('none', 'flip', 'crops'))
+        'corners + centre of the 4-px padded image, each with its flip), `flip_translate` '
+        '(airbench\'s: the image and its flip weighted 1/4 each, both shifted 1 px up-left and '
+        '1 px down-right, zero-padded, 1/8 each)', 'eval',
+        choices=('none', 'flip', 'crops', 'flip_translate'))
 declare('model.activation', 'relu',
         'activation: `relu`, `leaky_relu`, `elu`, `gelu`, `tanh`, `sigmoid`, `maxout` (max of 2 '
         'learned affine maps per unit)', 'model')
@@ -282,6 +303,13 @@ declare('train.fmp_eval_draws', 1, 'fractional max-pooling at eval: average the 
         'this many fixed region draws', 'eval',
         (lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1,
          'an integer >= 1'), of='model.pool')
+
+
+declare('model.whiten_init', 'none',
+        'first layer of `airbench`: `none` (an ordinary conv, initialized and trained as the '
+        'others) or `patch` (frozen whitening filters: eigenvectors of the covariance of 2x2 '
+        'patches of normalized training images over sqrt(eigenvalue + 5e-4), each with both '
+        'signs; its bias trains)', 'model', choices=('none', 'patch'))
 
 
 # --- what the rest of the code derives ---

@@ -93,9 +93,15 @@ class Maxout(nn.Module):
 ACTIVATIONS.add('maxout', None)   # built by Layers.act (it has parameters)
 
 
+# Each normalization is built from (train, dtype, scale_init); a scale_init of None
+# means no learned scale (fixed at 1, as airbench's BatchNorm): Layers.make_norm(scale=False).
+def _scale(scale_init):
+  return dict(use_scale=scale_init is not None, scale_init=scale_init or nn.initializers.ones)
+
+
 def _batch_norm(train, dtype, scale_init):
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                      scale_init=scale_init)
+                      **_scale(scale_init))
 
 
 class _LayerNorm(nn.Module):
@@ -108,7 +114,7 @@ class _LayerNorm(nn.Module):
   @nn.compact
   def __call__(self, x):
     return nn.LayerNorm(reduction_axes=tuple(range(1, x.ndim)), feature_axes=-1,
-                        dtype=self.dtype, scale_init=self.scale_init)(x)
+                        dtype=self.dtype, **_scale(self.scale_init))(x)
 
 
 NORMS.add('none', lambda train, dtype, scale_init: (lambda x: x), doc='identity')
@@ -119,13 +125,13 @@ NORMS.add('layer', lambda train, dtype, scale_init: _LayerNorm(dtype=dtype,
 # What ConvNeXt calls LayerNorm (Flax's nn.LayerNorm on NHWC). On an MLP it would be
 # `layer` under another name, so resolve refuses it there (needs_spatial).
 NORMS.add('layer_channels', lambda train, dtype, scale_init: nn.LayerNorm(
-    dtype=dtype, scale_init=scale_init), needs_spatial=True,
+    dtype=dtype, **_scale(scale_init)), needs_spatial=True,
     doc='each image position over its channels')
 # Group count adapts to the width (8 groups where the width allows it).
 NORMS.add('group', lambda train, dtype, scale_init: _GroupNorm(dtype=dtype, scale_init=scale_init),
           doc='each example over positions and groups of channels')
 NORMS.add('instance', lambda train, dtype, scale_init: nn.GroupNorm(
-    num_groups=None, group_size=1, dtype=dtype, scale_init=scale_init),
+    num_groups=None, group_size=1, dtype=dtype, **_scale(scale_init)),
     needs_spatial=True, doc='each channel of each image over its positions')
 
 
@@ -136,7 +142,7 @@ class _GroupNorm(nn.Module):
   @nn.compact
   def __call__(self, x):
     return nn.GroupNorm(num_groups=math.gcd(8, x.shape[-1]), dtype=self.dtype,
-                        scale_init=self.scale_init)(x)
+                        **_scale(self.scale_init))(x)
 
 
 class Layers(nn.Module):
@@ -160,8 +166,10 @@ class Layers(nn.Module):
                    kernel_init=nn.initializers.zeros if zero else inits.kernel_init(self.opts),
                    bias_init=inits.bias_init(self.opts))
 
-  def make_norm(self, train, zero=False):
-    scale_init = nn.initializers.zeros if zero else nn.initializers.ones
+  def make_norm(self, train, zero=False, scale=True):
+    """The normalization of model.norm; zero: its scale starts at 0; scale=False: it has
+    no learned scale (fixed at 1), only an offset."""
+    scale_init = None if not scale else nn.initializers.zeros if zero else nn.initializers.ones
     return NORMS.get(self.norm).fn(train, self.dtype, scale_init)
 
   def act(self, x, train, hp):

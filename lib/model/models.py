@@ -1,4 +1,4 @@
-"""The classifiers (MLP, CNN, VGG, the ResNet family, ResNeXt, WRN, MobileNet),
+"""The classifiers (MLP, CNN, VGG, the ResNet family, ResNeXt, WRN, MobileNet, airbench),
 their MODELS registry, `build` and `activations`; their building blocks are in
 layers.py. Every model is `Module(num_classes, depth, width, activation, norm,
 dtype, opts)` and is called as
@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from lib.core.registry import Registry
+from lib.model import inits, whitening
 from lib.model.layers import (  # noqa: F401 - models.Options, models.NORMS ... stay public here
     ACTIVATIONS, DROPOUT_SITES, NORMS, BasicBlock, Block, Bottleneck, Layers, Maxout, Options,
     PreActBlock)
@@ -145,6 +146,34 @@ class VGG(Model):
         x = self.dropout(x, train, hp, 'hidden')
       x = self.act(self.dense(64 * self.width)(x), train, hp)
     return self.classifier(x, train, hp)
+
+
+@MODELS.register('airbench', depth=3, width=64, fixed_depth=3, whitening=True)
+class Airbench(Model):
+  """airbench94's net (Jordan 2024): a 2x2 conv without padding of 2 * 2*2*C channels (24 for
+  RGB; the whitening layer, lib/model/whitening.py: model.whiten_init=patch sets and
+  freezes its kernel) and the activation; 3 blocks of [3x3 conv -> 2x2 max-pool (VALID,
+  as torch's) -> norm -> act -> 3x3 conv -> norm -> act] of width, 4*width, 4*width
+  channels (64/256/256 at the default width 64); a global max-pool; the classifier, its
+  logits times `logit_scale` (1/9). The norms have no learned scale (airbench's BatchNorm
+  weight is frozen at 1), only an offset. 32x32 inputs end at 3x3 before the global
+  max-pool; inputs need at least 16 pixels a side."""
+  logit_scale: float = 1 / 9
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, hp: Optional[dict] = None):
+    x = x.astype(self.dtype)
+    size = whitening.SIZE
+    x = nn.Conv(2 * size * size * x.shape[-1], (size, size), padding='VALID', use_bias=True,
+                dtype=self.dtype, kernel_init=inits.kernel_init(self.opts),
+                bias_init=inits.bias_init(self.opts), name=whitening.LAYER)(x)
+    x = self.act(x, train, hp)
+    for width in (self.width, 4 * self.width, 4 * self.width):
+      x = nn.max_pool(self.conv(width)(x), (2, 2), strides=(2, 2), padding='VALID')
+      x = self.act(self.make_norm(train, scale=False)(x), train, hp)
+      x = self.act(self.make_norm(train, scale=False)(self.conv(width)(x)), train, hp)
+      x = self.dropout(x, train, hp, 'conv')
+    return self.classifier(jnp.max(x, axis=(1, 2)), train, hp) * self.logit_scale
 
 
 # ----------------------------------------------------------------------------- residual nets

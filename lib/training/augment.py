@@ -16,15 +16,21 @@ arguments: float32 scalar arrays with the continuous strengths, used only as
 traced values so they can differ (or be vmapped) without recompiling. Each
 image draws its own randomness, all from one key per step, so it does not
 depend on how the batch is split over devices.
+
+An augmentation registered with `examples=True` also gets `examples`: which
+training examples the batch holds and in which epoch (`Examples`, given by the
+resident step; None from the streaming pipeline). The alternating flip
+(augment.flip_mode=alternate) needs it.
 """
 import math
-from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lib.core import factors
+from lib.core.errors import UserError
 
 STAGES = ('pixel', 'normalized')
 
@@ -32,11 +38,20 @@ STAGES = ('pixel', 'normalized')
 HP_KEYS = tuple(f.field for f in factors.traced() if f.section == 'augment')
 
 
+class Examples(NamedTuple):
+  """Which training examples a batch holds: their indices in the training split, the
+  epoch, and a key fixed for the whole run (a function of its seed)."""
+  index: Any    # (B,) int32
+  epoch: Any    # () int32
+  key: Any      # raw uint32[2] key
+
+
 class Augmentation(NamedTuple):
   name: str
   stage: str         # 'pixel' (floats in [0, 1]) or 'normalized' (after (x - mean) / std)
   keys: Tuple[str, ...]  # the factors that turn it on
   fn: Callable       # (key, images, config.augment, hp) -> images
+  examples: bool = False   # fn also takes examples=Examples (or None)
 
   def enabled(self, c) -> bool:
     """Whether config.augment `c` puts it in the program."""
@@ -46,15 +61,16 @@ class Augmentation(NamedTuple):
 AUGMENTATIONS: List[Augmentation] = []
 
 
-def register(name: str, keys: Sequence[str], stage: str = 'pixel'):
+def register(name: str, keys: Sequence[str], stage: str = 'pixel', examples: bool = False):
   """Decorator: `fn` is the augmentation of factors `keys` (declared in
   lib/core/factors.py with site `stage`). Registration order is application order,
-  and a new one appended last leaves the random streams of the others as they are."""
+  and a new one appended last leaves the random streams of the others as they are.
+  `examples`: fn also takes the keyword `examples` (an `Examples`, or None)."""
   assert stage in STAGES, stage
   for k in keys:
     assert factors.FACTORS[k].site == stage, (k, stage)
   def wrap(fn):
-    AUGMENTATIONS.append(Augmentation(name, stage, tuple(keys), fn))
+    AUGMENTATIONS.append(Augmentation(name, stage, tuple(keys), fn, examples))
     return fn
   return wrap
 
@@ -95,11 +111,30 @@ def random_crop(key, images, c, hp):
   return jax.vmap(crop)(padded, offsets)
 
 
-@register('flip', ['augment.flip'])
-def random_flip(key, images, c, hp):
-  """Mirror each image left-right with probability 1/2."""
-  flip = jax.random.bernoulli(key, 0.5, (images.shape[0], 1, 1, 1))
+@register('flip', ['augment.flip'], examples=True)
+def random_flip(key, images, c, hp, examples=None):
+  """Mirror each image left-right with probability 1/2 (flip_mode=random), or by
+  `alternating_flips` (flip_mode=alternate)."""
+  if c.flip_mode == 'alternate':
+    if examples is None:
+      raise UserError('augment.flip_mode=alternate needs the example indices, which only the '
+                      'resident pipeline gives the step; use --config.data.pipeline=resident '
+                      'or augment.flip_mode=random')
+    flip = alternating_flips(examples)[:, None, None, None]
+  else:
+    flip = jax.random.bernoulli(key, 0.5, (images.shape[0], 1, 1, 1))
   return jnp.where(flip, images[:, :, ::-1, :], images)
+
+
+def alternating_flips(examples: Examples):
+  """(B,) bool: airbench's derandomized flip. Each example has a parity bit, a function of
+  the run's key and its index alone (so a random half of the split, fixed for the run);
+  it is flipped in the epochs whose parity differs from its bit: the half with bit 1 in
+  epoch 0, 2, ..., the other half in epoch 1, 3, ..., so every image is flipped in exactly
+  one of any two consecutive epochs."""
+  bit = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(examples.key, i)))(
+      examples.index)
+  return bit != (examples.epoch % 2 == 1)
 
 
 @register('resized_crop', ['augment.resized_crop_scale'])
@@ -236,13 +271,15 @@ def active(c, stage: str = None) -> List[Augmentation]:
   return [a for a in AUGMENTATIONS if a.enabled(c) and stage in (None, a.stage)]
 
 
-def apply(key, images, c, hp, stage: str, skip: Sequence[str] = ()):
+def apply(key, images, c, hp, stage: str, skip: Sequence[str] = (), examples=None):
   """Applies the enabled augmentations of `stage` in registration order, each with its
-  own key; those named in `skip` were done by the input pipeline (on the host)."""
+  own key; those named in `skip` were done by the input pipeline (on the host).
+  `examples` (an `Examples`, or None) goes to those registered to take it."""
   assert stage in STAGES, stage
   # Keyed by registration index, so enabling one augmentation does not change
   # the random stream of another.
   for i, aug in enumerate(AUGMENTATIONS):
     if aug.stage == stage and aug.enabled(c) and aug.name not in skip:
-      images = aug.fn(jax.random.fold_in(key, i), images, c, hp)
+      extra = {'examples': examples} if aug.examples else {}
+      images = aug.fn(jax.random.fold_in(key, i), images, c, hp, **extra)
   return images

@@ -15,7 +15,7 @@ from lib.core import factors, sharding
 from lib.core.errors import UserError
 from lib.data import device, stream
 from lib.data.device import TRAIN_EVAL, steps_per_epoch  # noqa: F401 - TRAIN_EVAL for callers
-from lib.model import models
+from lib.model import models, whitening
 from lib.training import optim, steps
 from lib.training import eval_step as eval_lib
 from lib.training import state as state_lib
@@ -25,6 +25,9 @@ class Engine:
 
   mean/std default to the dataset's training statistics; evaluation of a
   restored run passes the statistics recorded with its checkpoint (eval_only).
+  With model.whiten_init=patch the whitening filters of the first layer are computed
+  from the training images here (`whitening`), once, for the initial state; a restored
+  run (eval_only) has them in its checkpoint.
   `log` gets the streaming pipeline's warnings (bad records; default stderr).
   """
 
@@ -49,6 +52,13 @@ class Engine:
     # every engine alive, with its data on device and its compiled programs).
     self.pipeline, self.pipeline_reason = stream.choose(
         config.data.pipeline, dataset, device.memory_budget(list(mesh.devices.flat)))
+    if self.pipeline == 'stream' and config.augment.flip and \
+        config.augment.flip_mode == 'alternate':
+      raise UserError('augment.flip_mode=alternate needs the resident pipeline (the step '
+                      f'reads each example\'s index); this data is streamed '
+                      f'({self.pipeline_reason}): use augment.flip_mode=random')
+    self.whitening = None if eval_only else whitening_kernel(config, dataset, self.mean,
+                                                                 self.std)
     self._eval_programs: Dict[str, object] = {}
     self._epoch = (None, None)   # the resident path's current (epoch, indices)
     if self.pipeline == 'stream':
@@ -76,7 +86,8 @@ class Engine:
   def _init(self, hparams, reference=None):
     return state_lib.init_state(self.model, self.tx_build, hparams, self.config.seed,
                                 self.dataset.image_shape, ema=state_lib.has_ema(self.config),
-                                tie=state_lib.has_anchor(self.config), reference=reference)
+                                tie=state_lib.has_anchor(self.config), reference=reference,
+                                whitening=self.whitening)
 
   def init_state(self, reference=None) -> state_lib.TrainState:
     """The state at step 0; `reference`: the params regularize.tie_l2 ties the weights
@@ -237,6 +248,18 @@ class Engine:
   def eval_inputs(self, split: str):
     """(images, labels, idx, mask) of a split (lib/data/device.py)."""
     return self.data.eval_inputs(split)
+
+
+def whitening_kernel(config, dataset, mean, std) -> Optional[np.ndarray]:
+  """The first layer's whitening filters (model.whiten_init=patch; lib/model/whitening.py)
+  from the first training images, normalized by mean/std; None when off."""
+  if config.model.whiten_init != 'patch':
+    return None
+  if not getattr(dataset, 'in_memory', True):
+    raise UserError('model.whiten_init=patch computes its filters from the training images in '
+                    'memory; this data is read as records: use a source held in memory '
+                    '(cifar_dir, npz, tfds without data.image_size) or model.whiten_init=none')
+  return whitening.from_images(dataset.split('train')[0][:whitening.IMAGES], mean, std)
 
 
 def multitask_data(config, dataset):

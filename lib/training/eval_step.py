@@ -3,7 +3,8 @@
 `make_eval_step` sums loss and correct predictions over a padded batch (the
 engine scans it over a whole split), and top-5 correct predictions for datasets
 of more than 10 classes (`reports_top5`); `views` gives the test-time views of
-`train.eval_tta` (none, flip, crops). Its two halves, `make_log_probs` (the
+`train.eval_tta` (none, flip, crops, flip_translate) and `view_weights` their weights
+in the averaged softmax. Its two halves, `make_log_probs` (the
 prediction) and `batch_sums`, also serve ensembles of runs (lib/runs/ensemble.py).
 """
 from typing import Callable
@@ -27,16 +28,29 @@ def reports_top5(num_classes: int) -> bool:
 def views(x, tta: str, pad: int = 4):
   """The test-time views of a batch: itself (none); it and its mirror image
   (flip); the 4 corner and the centre crops of the image zero-padded by `pad`
-  pixels, each also mirrored (crops: 10 views, as the ResNet paper's 10-crop)."""
+  pixels, each also mirrored (crops: 10 views, as the ResNet paper's 10-crop);
+  it and its mirror image, then both translated by one pixel towards the bottom
+  right and towards the top left, zero-padded (flip_translate: 6 views, airbench's)."""
   if tta == 'none':
     return [x]
   if tta == 'flip':
     return [x, x[:, :, ::-1, :]]
   h, w = x.shape[1:3]
+  if tta == 'flip_translate':
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    shifted = [padded[:, :h, :w, :], padded[:, 2:, 2:, :]]   # content moved +1 px, -1 px
+    return [v for s in [x] + shifted for v in (s, s[:, :, ::-1, :])]
   padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   corners = [(0, 0), (0, 2 * pad), (2 * pad, 0), (2 * pad, 2 * pad), (pad, pad)]
   crops = [padded[:, i:i + h, j:j + w, :] for i, j in corners]
   return crops + [c[:, :, ::-1, :] for c in crops]
+
+
+def view_weights(tta: str):
+  """The weights of the views in the averaged softmax, or None for equal weights:
+  flip_translate weighs the image and its mirror 1/4 each and the 4 translated views 1/8
+  each, as airbench (which averages logits; here, as for the other views, the softmax)."""
+  return (0.25, 0.25, 0.125, 0.125, 0.125, 0.125) if tta == 'flip_translate' else None
 
 
 def make_eval_step(model, mean, std, tta: str = 'none', top5: bool = False,
@@ -69,9 +83,15 @@ def make_log_probs(model, mean, std, tta: str = 'none', draws: int = 1) -> Calla
     rngs = {'rngs': {'fmp': fmp.eval_draw_key(draw)}} if draw else {}
     return model.apply(variables, x, train=False, **rngs)
 
+  weights = view_weights(tta)
+
   def log_probs(variables, x):
     if tta == 'none' and draws == 1:
       return jax.nn.log_softmax(predict(variables, (x - mean) / std))
+    if weights is not None:
+      probs = sum(w * jax.nn.softmax(predict(variables, (v - mean) / std, d))
+                  for v, w in zip(views(x, tta), weights) for d in range(draws))
+      return jnp.log(jnp.maximum(probs / draws, 1e-30))
     probs = sum(jax.nn.softmax(predict(variables, (v - mean) / std, d))
                 for v in views(x, tta) for d in range(draws))
     return jnp.log(jnp.maximum(probs / (len(views(x[:1], tta)) * draws), 1e-30))

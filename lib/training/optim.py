@@ -1,21 +1,25 @@
 """Optax optimizers and learning-rate schedules built from the config.
 
 The update is `-lr * schedule(step) * (direction(grad) + wd * w)`:
-  * direction: the optimizer's preconditioned gradient (momentum, Adam, ...);
+  * direction: the optimizer's preconditioned gradient (momentum, Adam, ...), times
+    optim.norm_lr_scale on the normalization layers' offsets and scales (`norm_mask`);
   * wd: decoupled weight decay (AdamW style). It equals an L2 penalty lambda = wd
     for plain SGD only: L2's gradient goes through the direction, so under
     momentum beta it accumulates to lambda / (1 - beta) per step, and under Adam it
     is rescaled per coordinate;
   * schedule: a multiplier with peak 1.0, so `optim.lr` is always the peak rate.
-The L2 penalty (lambda/2 * sum w^2) is a loss term, see `l2_penalty`.
+The L2 penalty (lambda/2 * sum w^2) is a loss term, see `l2_penalty`. The frozen
+whitening filters (model.whiten_init=patch, `frozen_mask`) get a zero update. With
+optim.lookahead = k the whole update is Lookahead's fast step (`lookahead`): every k
+steps the slow weights move towards the fast ones, which restart from them.
 
-Continuous strengths (lr, weight_decay, l2) are *arrays* in `hparams`, passed to
-the compiled step, so one program serves any value (and later many arms).
-The chain is rebuilt inside the step from those arrays; its state structure
-does not depend on them.
+Continuous strengths (lr, weight_decay, l2, norm_lr_scale, lookahead_alpha) are
+*arrays* in `hparams`, passed to the compiled step, so one program serves any value
+(and later many arms). The chain is rebuilt inside the step from those arrays; its
+state structure does not depend on them (only on which factors are on).
 """
 import numbers
-from typing import Callable, Dict
+from typing import Any, Callable, Dict, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +29,7 @@ import optax
 from lib.core import factors
 from lib.core.errors import UserError
 from lib.core.registry import Registry
+from lib.model.whitening import LAYER as WHITEN_LAYER
 
 OPTIMIZERS = Registry('optimizer', 'optim.name')
 SCHEDULES = Registry('schedule', 'schedule.name')
@@ -111,6 +116,47 @@ def decay_mask(params, decay_all: bool = False):
       lambda path, _: decay_all or getattr(path[-1], 'key', None) == 'kernel', params)
 
 
+def norm_mask(params):
+  """True for the offsets ('bias') and scales of normalization layers (a module whose
+  name says Norm: BatchNorm_0, LayerNorm_1, GroupNorm_0): what optim.norm_lr_scale
+  multiplies."""
+  def is_norm(path, _):
+    keys = [str(getattr(p, 'key', '')) for p in path]
+    return len(keys) >= 2 and keys[-1] in ('bias', 'scale') and 'Norm' in keys[-2]
+  return jax.tree_util.tree_map_with_path(is_norm, params)
+
+
+def frozen_mask(params):
+  """True for the kernel of the whitening layer (model.whiten_init=patch): never trained."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: [getattr(p, 'key', None) for p in path] == [WHITEN_LAYER, 'kernel'],
+      params)
+
+
+class LookaheadState(NamedTuple):
+  inner: Any   # optax.lookahead's state: the wrapped update's, and the steps since a sync
+  slow: Any    # the slow weights
+
+
+def lookahead(inner: optax.GradientTransformation, sync_period: int,
+              alpha) -> optax.GradientTransformation:
+  """optax.lookahead (Zhang et al. 2019) around `inner`, with the slow weights kept in
+  the optimizer state: the params stay the fast weights alone (optax's update takes
+  LookaheadParams(fast, slow) as its params). Every `sync_period` steps, after the fast
+  step, slow += alpha * (fast - slow) and the fast weights become the slow ones."""
+  wrapped = optax.lookahead(inner, sync_period, alpha)
+
+  def init(params):
+    return LookaheadState(wrapped.init(optax.LookaheadParams.init_synced(params)), params)
+
+  def update(updates, state, params):
+    both, inner_state = wrapped.update(updates, state.inner,
+                                       optax.LookaheadParams(fast=params, slow=state.slow))
+    return both.fast, LookaheadState(inner_state, optax.apply_updates(state.slow, both.slow))
+
+  return optax.GradientTransformation(init, update)
+
+
 def l2_penalty(params, mask):
   """sum(w^2) / 2 over the masked leaves (multiply by lambda)."""
   leaves = [jnp.sum(jnp.square(p.astype(jnp.promote_types(p.dtype, jnp.float32))))
@@ -131,14 +177,22 @@ def make(config, total_steps: int, steps_per_epoch: int):
   decay_all = config.regularize.decay_all_params
   direction = OPTIMIZERS.get(config.optim.name).fn
   clip = config.optim.clip_norm
+  norm_scaled = factors.on(config, 'optim.norm_lr_scale')
+  frozen = config.model.whiten_init == 'patch'
+  sync_period = config.optim.lookahead
 
   def build(hp) -> optax.GradientTransformation:
     parts = [optax.clip_by_global_norm(clip)] if clip > 0 else []
+    parts.append(direction(config.optim))
+    if norm_scaled:   # their rate times the scale; decoupled decay is not scaled
+      parts.append(optax.masked(optax.scale(hp['norm_lr_scale']), norm_mask))
     parts += [
-        direction(config.optim),
         optax.add_decayed_weights(hp['weight_decay'], mask=lambda p: decay_mask(p, decay_all)),
         optax.scale_by_learning_rate(lambda count: hp['lr'] * multiplier(count)),
     ]
-    return optax.chain(*parts)
+    if frozen:
+      parts.append(optax.masked(optax.set_to_zero(), frozen_mask))
+    chain = optax.chain(*parts)
+    return lookahead(chain, sync_period, hp['lookahead_alpha']) if sync_period else chain
 
   return build, multiplier

@@ -65,6 +65,16 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise UserError(f'model.pool={config.model.pool} sets the pooling layers of '
                     f'{", ".join(pooling)}; model.name={config.model.name} has none '
                     '(leave model.pool=max)')
+  if config.model.whiten_init != 'none' and not entry.defaults.get('whitening'):
+    whitened = [n for n in models.MODELS.names() if models.MODELS.get(n).defaults.get('whitening')]
+    raise UserError(f'model.whiten_init={config.model.whiten_init} sets the first layer of '
+                    f'{", ".join(whitened)}; model.name={config.model.name} has none '
+                    '(leave model.whiten_init=none)')
+  if config.augment.flip and config.augment.flip_mode == 'alternate' and (
+      config.data.pipeline == 'stream' or config.data.image_size):
+    raise UserError('augment.flip_mode=alternate needs the resident pipeline (the step reads '
+                    'each example\'s index): leave data.pipeline at auto or resident and '
+                    'data.image_size=0, or use augment.flip_mode=random')
   if config.model.stem not in models.STEMS:
     raise UserError(f'unknown model.stem={config.model.stem!r}; valid: {", ".join(models.STEMS)}')
   if config.model.stem != 'auto' and not entry.defaults.get('residual'):

@@ -13,6 +13,9 @@ from typing import Any, Dict
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from lib.model.whitening import LAYER as WHITEN_LAYER
 
 # Named streams split off each step's key; add new consumers at the end.
 RNG_STREAMS = {'augment': 0, 'dropout': 1, 'noise': 2, 'drop_path': 3, 'mix': 4,
@@ -33,6 +36,16 @@ class TrainState:
   anchor: Any = None
 
 
+# Keys fixed for a whole run rather than drawn per step (the parity of each example's
+# alternating flip): the run's key folded with a number no step reaches.
+RUN_STREAMS = {'flip_parity': 0xFFFFFFFF}
+
+
+def run_stream(rng, name: str):
+  """The run's key `rng` (TrainState.rng) for the whole-run stream `name`."""
+  return jax.random.fold_in(rng, np.uint32(RUN_STREAMS[name]))
+
+
 def stream(key, name: str):
   """The step key's stream `name`. A name not in RNG_STREAMS (a regularizer
   registered later) gets a number from its name, so it leaves the others alone."""
@@ -43,14 +56,22 @@ def stream(key, name: str):
 
 
 def init_state(model, tx_build, hparams, seed: int, image_shape, ema: bool = False,
-               tie: bool = False, reference=None) -> TrainState:
+               tie: bool = False, reference=None, whitening=None) -> TrainState:
   """The state at step 0; with `ema` its moving average starts at the initial weights;
   with `tie` its anchor is `reference` (params of the same shapes), or the initial
-  weights where that is None (regularize.tie_to=init)."""
+  weights where that is None (regularize.tie_to=init); `whitening` (model.whiten_init=patch,
+  lib/model/whitening.py) replaces the kernel of the model's whitening layer."""
   root = jax.random.PRNGKey(seed)
   init_key, train_key = jax.random.split(root)
   variables = model.init(init_key, jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
   params = variables['params']
+  if whitening is not None:
+    layer = params[WHITEN_LAYER]
+    if tuple(whitening.shape) != tuple(layer['kernel'].shape):
+      raise ValueError(f'whitening kernel {tuple(whitening.shape)} does not fit the layer '
+                       f'{tuple(layer["kernel"].shape)}')
+    params = {**params, WHITEN_LAYER: {**layer, 'kernel': jnp.asarray(whitening,
+                                                                      layer['kernel'].dtype)}}
   batch_stats = variables.get('batch_stats', {})
   tx = tx_build(hparams)
   average = {'params': params, 'batch_stats': batch_stats} if ema else None

@@ -42,7 +42,9 @@ def make_train_step(model, tx_build, config, mesh, mean, std, num_classes: int,
 
   def train_step(state, hp, images, labels, epoch_indices, sums):
     idx = jax.lax.dynamic_index_in_dim(epoch_indices, state.step % steps_per_epoch, keepdims=False)
-    return batch_step(state, hp, images[idx], labels[idx], sums)
+    examples = augment.Examples(idx, state.step // steps_per_epoch,
+                                state_lib.run_stream(state.rng, 'flip_parity'))
+    return batch_step(state, hp, images[idx], labels[idx], sums, examples)
 
   return train_step
 
@@ -79,8 +81,9 @@ def coarse_matrix_rows(coarse_of_class, config):
 
 def make_batch_step(model, tx_build, config, mesh, mean, std, num_classes: int,
                     host_augmentations=(), coarse_of_class=None) -> Callable:
-  """batch_step(state, hparams, batch_images, batch_labels, sums) -> (state, sums):
-  one step on a uint8 batch (the streaming pipeline's, or one gathered on device).
+  """batch_step(state, hparams, batch_images, batch_labels, sums, examples=None) ->
+  (state, sums): one step on a uint8 batch (the streaming pipeline's, or one gathered on
+  device; `examples`, augment.Examples, says which: the resident step gives it).
   `host_augmentations` were done by the input pipeline and are skipped here;
   `coarse_of_class` (num_classes,) each class's coarse class (regularize.aux_coarse).
 
@@ -110,11 +113,12 @@ def make_batch_step(model, tx_build, config, mesh, mean, std, num_classes: int,
   batch_sharding = sharding.sharded_along(mesh, 4)
   lo, hi = (0.0 - mean) / std, (1.0 - mean) / std   # the pixel range, normalized
 
-  def batch_step(state, hp, batch_images, y, sums):
+  def batch_step(state, hp, batch_images, y, sums, examples=None):
     x = batch_images.astype(jnp.float32) / 255.0
     x = jax.lax.with_sharding_constraint(x, batch_sharding)
     key = jax.random.fold_in(state.rng, state.step)
-    x = augment.apply(stream(key, 'augment'), x, aug, hp, 'pixel', skip=host_augmentations)
+    x = augment.apply(stream(key, 'augment'), x, aug, hp, 'pixel', skip=host_augmentations,
+                      examples=examples)
     x = (x - mean) / std
     x = augment.apply(stream(key, 'augment'), x, aug, hp, 'normalized', skip=host_augmentations)
     targets = jax.nn.one_hot(y, num_classes)

@@ -152,7 +152,8 @@ class VectorEngine:
       def init(hp, seed, reference):
         return state_lib.init_state(model, self.base.tx_build, hp, seed, self.dataset.image_shape,
                                     ema=state_lib.has_ema(self.program),
-                                    tie=state_lib.has_anchor(self.program), reference=reference)
+                                    tie=state_lib.has_anchor(self.program), reference=reference,
+                                    whitening=self.base.whitening)
       self._init_fns[options] = jax.jit(init, out_shardings=self.rep)
     return self._init_fns[options]
 
