@@ -391,7 +391,9 @@ def test_invalid_sweep_fails_before_launching(tmp_path):
 MODULES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 'experiments',
                                                                            '*.py'))
                  if 'def get_sweep' in open(p).read())
-VARIANTS = {'init': ['resnet', 'resnet,local', 'plain', 'plain,local']}
+VARIANTS = {'init': ['resnet', 'resnet,local', 'plain', 'plain,local'],
+            'mixup': [None, 'local', 'fast', 'local,fast'],
+            'cutout': [None, 'local', 'fast', 'local,fast']}
 
 
 @pytest.mark.parametrize('name', MODULES)
@@ -408,6 +410,9 @@ def test_every_experiment_module_expands_to_valid_runs(name, tmp_path):
     configs = [t['config'] for t in tasks]
     if arg and 'local' in arg:
       assert {c['data']['source'] for c in configs} == {'cifar_dir'}
+    if arg and 'fast' in arg:   # the fast baseline under the module's arms, 5 or 10 seeds
+      assert {c['model']['name'] for c in configs} == {'airbench'}
+      assert len(s.seeds) == (5 if 'local' in arg else 10)
     # arms differ from each other in what they set (no two identical runs)
     keyed = {json.dumps({**c, 'seed': 0}, sort_keys=True) for c in configs}
     assert len(keyed) == len(s.arms)
