@@ -18,8 +18,6 @@ in a process started with its XLA flags).
 """
 import json
 import platform
-import subprocess
-import sys
 
 import jax
 from absl import flags
@@ -27,7 +25,6 @@ from absl import flags
 from experiments import imagenet_resnet, quickstart
 from lib.core import cli, determinism
 from lib.core.errors import UserError
-from lib.data import datasets as data
 from lib.diagnostics import benchmark
 
 _MODELS = flags.DEFINE_list('models', ['mlp', 'resnet20'], 'Models for the step benchmark.')
@@ -67,34 +64,9 @@ _DETERMINISTIC = flags.DEFINE_bool('deterministic', False, 'Measure with train.d
 STREAMS = ('imagenet_local', 'resnet20_cifar')
 
 
-def _deterministic_cost(plain: dict) -> dict:
-  """ResNet-20's step in a process started with the deterministic XLA flags, against
-  `plain` (the same step measured in this process)."""
-  cmd = [sys.executable, '-m', 'launch.benchmark', '--models=resnet20',
-         f'--batch_size={plain["batch_size"]}', '--stream=', '--nocheckpoint_pause',
-         '--deterministic']
-  out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-  if out.returncode != 0:
-    return {'error': (out.stderr.strip().splitlines() or ['?'])[-1]}
-  r = json.loads(out.stdout.strip().splitlines()[-1])['train_step'][0]
-  return {'model': 'resnet20', 'plain_examples_per_sec': plain['examples_per_sec'],
-          'deterministic_examples_per_sec': r['examples_per_sec'],
-          'slowdown': plain['examples_per_sec'] / r['examples_per_sec']}
-
-
 def accelerator(machine: str) -> None:
   from experiments import fast_cifar
-  result = benchmark.accelerator_suite(
-      benchmark.ACCELERATOR_SPEC, stream_config=imagenet_resnet.get_config('local'),
-      fast_config=fast_cifar.get_config())
-  plain = next(r for r in result['train_step']
-               if r['model'] == 'resnet20' and r['dtype'] == 'float32')
-  cost = _deterministic_cost(plain)
-  result['deterministic'] = [cost]
-  print('\ntrain.deterministic: ' + (f'ResNet-20 {cost["deterministic_examples_per_sec"]:,.0f} ex/s '
-                                      f'vs {cost["plain_examples_per_sec"]:,.0f} without, '
-                                      f'{cost["slowdown"]:.2f}x slower' if 'error' not in cost
-                                      else f'not measured: {cost["error"]}'), flush=True)
+  result = benchmark.accelerator_check(imagenet_resnet.get_config('local'), fast_cifar.get_config())
   print(json.dumps({'machine': machine, 'jax': jax.__version__, 'suite': 'accelerator', **result}))
 
 
@@ -142,28 +114,9 @@ def main(argv):
   arms, sweeps = [], []
   counts = [int(a) for a in _ARMS.value]
   for name in (_ARM_MODELS.value if counts else []):
-    if name == 'mlp_digits':
-      c = quickstart.get_config()
-      dataset, n_steps = data.load(c.data), _ARM_STEPS.value or 200
-    elif name == 'resnet20':
-      c = quickstart.get_config()
-      c.model.name, c.model.norm, c.model.width, c.model.depth = 'resnet20', 'batch', -1, -1
-      c.train.batch_size = _BATCH.value
-      c.augment.crop_padding, c.augment.flip = 4, True
-      dataset = benchmark.synthetic_dataset(_BATCH.value * 4)
-      n_steps = _ARM_STEPS.value or 3
-    else:
-      raise ValueError(f'unknown --arm_models entry {name!r}; valid: mlp_digits, resnet20')
-    c.model.dtype = _DTYPE.value
-    print(f'\n{name}: arms one by one vs one vectorized program')
-    print(f'{"arms":>4} {"mode":>6} {"mesh":>5} {"one-by-one ex/s":>15} {"vectorized ex/s":>15} '
-          f'{"speedup":>7} {"step ms":>8} {"compile s":>9}')
-    for r in benchmark.arms_throughput(c, dataset, counts, n_steps, mode=_MODE.value):
-      arms.append({**r, 'benchmark': name})
-      print(f'{r["arms"]:>4} {r["mode"]:>6} {r["mesh"]:>5} '
-            f'{r["one_by_one_examples_per_sec"]:>15,.0f} '
-            f'{r["vectorized_examples_per_sec"]:>15,.0f} {r["speedup"]:>6.2f}x '
-            f'{r["step_ms"]:>8.1f} {r["compile_s"]:>9.1f}', flush=True)
+    arms += benchmark.arms_table(name, quickstart.get_config(), counts, _BATCH.value,
+                                 _ARM_STEPS.value, _DTYPE.value,
+                                 _MODE.value)
   if counts and _SWEEP_ARMS.value:
     r = benchmark.sweep_wall_time(quickstart.get_config(), _SWEEP_ARMS.value)
     sweeps.append(r)
@@ -175,11 +128,7 @@ def main(argv):
     c = quickstart.get_config()
     c.model.width, c.train.batch_size, c.train.epochs = 1024, 128, 10
     repacks.append(benchmark.repack_wall_time(c, _REPACK.value, mode=_MODE.value))
-  for r in repacks:
-    print(f'\nrepack: {r["arms"]} {r["model"]} runs, {r["epochs"]} epochs ({r["mode"]}), half '
-          f'diverged: after the 1st evaluation {r["off_remaining_s"]:.1f} s -> repacked '
-          f'{r["on_remaining_s"]:.1f} s ({r["remaining_speedup"]:.2f}x, recompile '
-          f'{r["recompile_s"]} s); in all {r["off_s"]:.1f} s -> {r["on_s"]:.1f} s', flush=True)
+    print('\n' + benchmark.repack_line(repacks[-1]), flush=True)
   streams = []
   if _STREAM.value:
     print(f'\n{"stream input":<30} {"workers":>7} {"pipeline ex/s":>13} {"train ex/s":>10} '

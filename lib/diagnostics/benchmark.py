@@ -21,8 +21,11 @@
   and the share of a real epoch's training time the step loop spends waiting for
   its next batch.
 """
+import json
 import os
 import re
+import subprocess
+import sys
 import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence
@@ -32,6 +35,7 @@ import numpy as np
 
 from lib.core import cache, sharding
 from lib.core.config import base_config
+from lib.core.errors import UserError
 from lib.data import datasets as data
 from lib.data import device
 from lib.runs import group_train
@@ -402,3 +406,71 @@ def accelerator_suite(spec: Dict[str, Any], stream_config=None, fast_config=None
         f'epoch of {r["examples"]:,} images ({r["examples_per_sec"]:,.0f} ex/s) {elapsed()}')
   out['seconds'] = time.perf_counter() - start
   return out
+
+
+def deterministic_cost(plain: Dict[str, Any]) -> Dict[str, Any]:
+  """ResNet-20's step in a process started with train.deterministic's XLA flags (they
+  apply to a whole process), against `plain`, the same step measured in this one."""
+  cmd = [sys.executable, '-m', 'launch.benchmark', '--models=resnet20',
+         f'--batch_size={plain["batch_size"]}', '--stream=', '--nocheckpoint_pause',
+         '--deterministic']
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+  if out.returncode != 0:
+    return {'error': (out.stderr.strip().splitlines() or ['?'])[-1]}
+  r = json.loads(out.stdout.strip().splitlines()[-1])['train_step'][0]
+  return {'model': 'resnet20', 'plain_examples_per_sec': plain['examples_per_sec'],
+          'deterministic_examples_per_sec': r['examples_per_sec'],
+          'slowdown': plain['examples_per_sec'] / r['examples_per_sec']}
+
+
+def accelerator_check(stream_config, fast_config, log=print) -> Dict[str, Any]:
+  """`launch.benchmark --suite=accelerator`: ACCELERATOR_SPEC's suite, then what
+  train.deterministic costs for ResNet-20 at float32."""
+  result = accelerator_suite(ACCELERATOR_SPEC, stream_config=stream_config,
+                             fast_config=fast_config, log=log)
+  plain = next(r for r in result['train_step']
+               if r['model'] == 'resnet20' and r['dtype'] == 'float32')
+  cost = deterministic_cost(plain)
+  result['deterministic'] = [cost]
+  log('\ntrain.deterministic: ' + (
+      f'ResNet-20 {cost["deterministic_examples_per_sec"]:,.0f} ex/s vs '
+      f'{cost["plain_examples_per_sec"]:,.0f} without, {cost["slowdown"]:.2f}x slower'
+      if 'error' not in cost else f'not measured: {cost["error"]}'))
+  return result
+
+
+def arms_table(name: str, quickstart, counts: Sequence[int], batch: int, steps: int, dtype: str,
+               mode: str, log=print) -> List[Dict[str, Any]]:
+  """`launch.benchmark --arms`: arms_throughput of `name` (mlp_digits: `quickstart`, the
+  quickstart config, its MLP on digits, 200 steps; resnet20: ResNet-20 on synthetic 32x32
+  images at `batch`, 3 steps; `steps` > 0 overrides), printed as a table; the rows, each
+  with its benchmark name."""
+  c = quickstart.copy_and_resolve_references()
+  if name == 'mlp_digits':
+    dataset, n_steps = data.load(c.data), steps or 200
+  elif name == 'resnet20':
+    c.model.name, c.model.norm, c.model.width, c.model.depth = 'resnet20', 'batch', -1, -1
+    c.train.batch_size = batch
+    c.augment.crop_padding, c.augment.flip = 4, True
+    dataset, n_steps = synthetic_dataset(batch * 4), steps or 3
+  else:
+    raise UserError(f'unknown --arm_models entry {name!r}; valid: mlp_digits, resnet20')
+  c.model.dtype = dtype
+  log(f'\n{name}: arms one by one vs one vectorized program')
+  log(f'{"arms":>4} {"mode":>6} {"mesh":>5} {"one-by-one ex/s":>15} {"vectorized ex/s":>15} '
+      f'{"speedup":>7} {"step ms":>8} {"compile s":>9}')
+  out = []
+  for r in arms_throughput(c, dataset, counts, n_steps, mode=mode):
+    out.append({**r, 'benchmark': name})
+    log(f'{r["arms"]:>4} {r["mode"]:>6} {r["mesh"]:>5} {r["one_by_one_examples_per_sec"]:>15,.0f} '
+        f'{r["vectorized_examples_per_sec"]:>15,.0f} {r["speedup"]:>6.2f}x '
+        f'{r["step_ms"]:>8.1f} {r["compile_s"]:>9.1f}')
+  return out
+
+
+def repack_line(r: Dict[str, Any]) -> str:
+  """One repack_wall_time result in words."""
+  return (f'repack: {r["arms"]} {r["model"]} runs, {r["epochs"]} epochs ({r["mode"]}), half '
+          f'diverged: after the 1st evaluation {r["off_remaining_s"]:.1f} s -> repacked '
+          f'{r["on_remaining_s"]:.1f} s ({r["remaining_speedup"]:.2f}x, recompile '
+          f'{r["recompile_s"]} s); in all {r["off_s"]:.1f} s -> {r["on_s"]:.1f} s')
