@@ -18,7 +18,7 @@ def words(arg, allowed=()):
   return out
 
 
-FAST_LOCAL_EPOCHS = 6   # the fast baseline's local form in an ablation: about 80 s a run
+FAST_LOCAL_EPOCHS = 6   # the fast baseline's local form in an ablation (its 20 epochs take 3-4 min)
 
 
 def cifar(arg, allowed=(), epochs=160):
