@@ -188,12 +188,7 @@ def arms_throughput(config, dataset, arm_counts: Sequence[int], steps: int = 20,
   batch = config.train.batch_size
   out = []
   for n in arm_counts:
-    configs = []
-    for seed in range(n):
-      c = config.copy_and_resolve_references()
-      c.unlock()
-      c.seed = seed
-      configs.append(resolve(c))
+    configs = [resolve(c) for c in seeded(config, n)]
     veng = ve.VectorEngine(configs, dataset, devices, mode)
     t0 = time.perf_counter()
     compiled = veng._step(False)
@@ -213,17 +208,23 @@ def arms_throughput(config, dataset, arm_counts: Sequence[int], steps: int = 20,
   return out
 
 
+def seeded(config, n: int) -> List:
+  """n unlocked copies of `config` with seeds 0..n-1."""
+  out = []
+  for seed in range(n):
+    c = config.copy_and_resolve_references()
+    c.unlock()
+    c.seed = seed
+    out.append(c)
+  return out
+
+
 def sweep_wall_time(config, n: int, devices=None) -> Dict[str, float]:
   """Wall seconds to train n runs of `config` (seeds 0..n-1) to the end, one after
   another (train_and_evaluate) and as one group (train_group), from scratch in a
   scratch directory: compile, evaluations and checkpoints included."""
   config = resolve(config)
-  configs = []
-  for seed in range(n):
-    c = config.copy_and_resolve_references()
-    c.unlock()
-    c.seed = seed
-    configs.append(c)
+  configs = seeded(config, n)
   mesh = sharding.make_mesh(devices) if devices is not None else None
   quiet = lambda message: None
   with tempfile.TemporaryDirectory() as tmp:
@@ -250,14 +251,9 @@ def repack_wall_time(config, arms: int = 8, devices=None, mode: str = 'auto') ->
   and the evaluations, not each live arm's checkpoints and metrics: it shows where the
   step dominates (launch.benchmark widens the quickstart MLP to 1024, batch 128)."""
   config = resolve(config)
-  configs = []
-  for seed in range(arms):
-    c = config.copy_and_resolve_references()
-    c.unlock()
-    c.seed = seed
-    if seed >= arms - arms // 2:
-      c.optim.lr = 1e6
-    configs.append(c)
+  configs = seeded(config, arms)
+  for c in configs[arms - arms // 2:]:
+    c.optim.lr = 1e6
   out = {'model': config.model.name, 'data': config.data.source, 'arms': arms,
          'epochs': config.train.epochs}
   with tempfile.TemporaryDirectory() as tmp:
