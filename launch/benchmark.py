@@ -10,7 +10,7 @@ group, half of them diverging at once, with train.repack off and on.
 
   python -m launch.benchmark --suite=accelerator
 
-is the accelerator check (lib/diagnostics/benchmark.py ACCELERATOR_SPEC, under 10
+is the accelerator check (lib/diagnostics/accelerator.py ACCELERATOR_SPEC, under 10
 minutes on one GPU): ResNet-20 and ResNet-50 steps at float32 and bfloat16, 1-16
 vectorized ResNet-20 arms (vmap and unroll), the streaming pipeline, the fast CIFAR
 baseline's epoch, and what train.deterministic costs (ResNet-20's step measured again
@@ -25,7 +25,7 @@ from absl import flags
 from experiments import imagenet_resnet, quickstart
 from lib.core import cli, determinism
 from lib.core.errors import UserError
-from lib.diagnostics import benchmark
+from lib.diagnostics import accelerator, benchmark
 
 _MODELS = flags.DEFINE_list('models', ['mlp', 'resnet20'], 'Models for the step benchmark.')
 _BATCH = flags.DEFINE_integer('batch_size', 128, 'Global batch size.')
@@ -64,9 +64,10 @@ _DETERMINISTIC = flags.DEFINE_bool('deterministic', False, 'Measure with train.d
 STREAMS = ('imagenet_local', 'resnet20_cifar')
 
 
-def accelerator(machine: str) -> None:
+def run_accelerator_check(machine: str) -> None:
   from experiments import fast_cifar
-  result = benchmark.accelerator_check(imagenet_resnet.get_config('local'), fast_cifar.get_config())
+  result = accelerator.accelerator_check(imagenet_resnet.get_config('local'),
+                                         fast_cifar.get_config())
   print(json.dumps({'machine': machine, 'jax': jax.__version__, 'suite': 'accelerator', **result}))
 
 
@@ -82,7 +83,7 @@ def main(argv):
   print(f'machine: {machine}, jax {jax.__version__}' +
         (' (deterministic XLA flags)' if _DETERMINISTIC.value else ''), flush=True)
   if _SUITE.value == 'accelerator':
-    return accelerator(machine)
+    return run_accelerator_check(machine)
   steps = []
   print(f'{"model":<10} {"batch":>5} {"dtype":>8} {"examples/s":>11} {"step ms":>8} {"compile s":>9}')
   for model in _MODELS.value:

@@ -1,18 +1,18 @@
 """The accelerator suite (`launch.benchmark --suite=accelerator`) runs end to end with a tiny
 spec on the CPU: every section measured, one row per model x dtype and arms x mode."""
-from lib.diagnostics import benchmark
+from lib.diagnostics import accelerator
 from conftest import quickstart_mlp
 
 TINY = {'model.width': 16}   # the suite's code, not its models, is under test: an MLP compiles fast
 
 
 def test_the_accelerator_suite_measures_every_section():
-  spec = dict(benchmark.ACCELERATOR_SPEC, steps=[('mlp', 8, 8, TINY)], step_count=1,
+  spec = dict(accelerator.ACCELERATOR_SPEC, steps=[('mlp', 8, 8, TINY)], step_count=1,
               arm_model=('mlp', TINY), arms=(1, 2), arm_batch=8, arm_steps=1,
               fast_examples=64)
   fast = quickstart_mlp(1, **{'train.batch_size': 16})
   lines = []
-  out = benchmark.accelerator_suite(spec, fast_config=fast, log=lines.append)
+  out = accelerator.accelerator_suite(spec, fast_config=fast, log=lines.append)
   assert [(r['model'], r['dtype'], r['image_size']) for r in out['train_step']] == [
       ('mlp', 'float32', 8), ('mlp', 'bfloat16', 8)]
   assert [(r['arms'], r['mode']) for r in out['arms']] == [

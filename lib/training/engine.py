@@ -5,6 +5,7 @@ the state they run on, evaluation.
 Shared by the training loop, launch.eval and launch.benchmark, so all three
 run exactly the same compiled code.
 """
+import functools
 from typing import Dict, Optional
 
 import jax
@@ -26,8 +27,9 @@ class Engine:
   mean/std default to the dataset's training statistics; evaluation of a
   restored run passes the statistics recorded with its checkpoint (eval_only).
   With model.whiten_init=patch the whitening filters of the first layer are computed
-  from the training images here (`whitening`), once, for the initial state; a restored
-  run (eval_only) has them in its checkpoint.
+  from the training images here (`whitening`), once, when an initial state is first
+  built; a run restored from a checkpoint (a resume, a repacked program, eval_only)
+  has them in its state and never computes them.
   `log` gets the streaming pipeline's warnings (bad records; default stderr).
   """
 
@@ -57,8 +59,7 @@ class Engine:
       raise UserError('augment.flip_mode=alternate needs the resident pipeline (the step '
                       f'reads each example\'s index); this data is streamed '
                       f'({self.pipeline_reason}): use augment.flip_mode=random')
-    self.whitening = None if eval_only else whitening_kernel(config, dataset, self.mean,
-                                                                 self.std)
+    self.eval_only = eval_only
     self._eval_programs: Dict[str, object] = {}
     self._epoch = (None, None)   # the resident path's current (epoch, indices)
     if self.pipeline == 'stream':
@@ -83,6 +84,13 @@ class Engine:
     self.eval_batch = self.data.eval_batch
 
   # ----- state -----
+  @functools.cached_property
+  def whitening(self) -> Optional[np.ndarray]:
+    """The first layer's whitening filters (model.whiten_init=patch), or None."""
+    if self.eval_only:
+      return None
+    return whitening_kernel(self.config, self.dataset, self.mean, self.std)
+
   def _init(self, hparams, reference=None):
     return state_lib.init_state(self.model, self.tx_build, hparams, self.config.seed,
                                 self.dataset.image_shape, ema=state_lib.has_ema(self.config),

@@ -83,18 +83,14 @@ def make_log_probs(model, mean, std, tta: str = 'none', draws: int = 1) -> Calla
     rngs = {'rngs': {'fmp': fmp.eval_draw_key(draw)}} if draw else {}
     return model.apply(variables, x, train=False, **rngs)
 
-  weights = view_weights(tta)
-
   def log_probs(variables, x):
     if tta == 'none' and draws == 1:
       return jax.nn.log_softmax(predict(variables, (x - mean) / std))
-    if weights is not None:
-      probs = sum(w * jax.nn.softmax(predict(variables, (v - mean) / std, d))
-                  for v, w in zip(views(x, tta), weights) for d in range(draws))
-      return jnp.log(jnp.maximum(probs / draws, 1e-30))
-    probs = sum(jax.nn.softmax(predict(variables, (v - mean) / std, d))
-                for v in views(x, tta) for d in range(draws))
-    return jnp.log(jnp.maximum(probs / (len(views(x[:1], tta)) * draws), 1e-30))
+    vs = views(x, tta)
+    weights = view_weights(tta) or (1.0,) * len(vs)   # equal: x * 1.0 is exact
+    probs = sum(w * jax.nn.softmax(predict(variables, (v - mean) / std, d))
+                for v, w in zip(vs, weights) for d in range(draws))
+    return jnp.log(jnp.maximum(probs / (sum(weights) * draws), 1e-30))
 
   return log_probs
 
