@@ -2,6 +2,8 @@
 
   python -m launch.sweep --config=experiments/x.py[:arg] --workdir=W [--seeds=N]
       [--executor=local|slurm|submitit_local] [--parallel=N] [--vectorize] [--config.a.b=v ...]
+  python -m launch.sweep ... --ci_halfwidth=0.01 [--min_seeds=5 --max_seeds=20 --max_runs=N]
+      (seeds in rounds until each arm's 95% CI of its difference is that narrow)
 
 Each run is W/<arm>/seed_<k>, trained by the same code as launch.train. Rerunning
 the command skips finished runs and resumes interrupted ones. At the end it writes
@@ -24,6 +26,13 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment module[:ar
                                           'get_config(arg) and get_sweep(arg).', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep directory: W/<arm>/seed_<k> per run.')
 _SEEDS = flags.DEFINE_integer('seeds', None, 'Seeds 0..N-1 per arm (default: the module\'s).')
+_CI = flags.DEFINE_float('ci_halfwidth', None, 'Seeds by precision: add seeds in rounds until '
+                         'each arm\'s 95% CI of its paired difference is within +-this '
+                         '(lib/sweeps/adaptive.py).')
+_MIN_SEEDS = flags.DEFINE_integer('min_seeds', None, 'With --ci_halfwidth: seeds of round 1 (5).')
+_MAX_SEEDS = flags.DEFINE_integer('max_seeds', None, 'With --ci_halfwidth: most seeds per arm (20).')
+_MAX_RUNS = flags.DEFINE_integer('max_runs', None, 'With --ci_halfwidth: most runs in all.')
+_MAX_HOURS = flags.DEFINE_float('max_hours', None, 'With --ci_halfwidth: most training hours.')
 _EXECUTOR = flags.DEFINE_enum('executor', 'local', list(runner.EXECUTORS),
                               'local: this machine; slurm: a job array through submitit; '
                               'submitit_local: the slurm path run by submitit\'s local executor.')
@@ -65,9 +74,14 @@ def main(argv):
   module_path, _, arg = config_flags.get_config_filename(config_flag).partition(':')
   base = cli.config(_CONFIG)
   spec = sweep_lib.load_spec(module_path, arg or None)
-  sweep = sweep_lib.parse(spec, _SEEDS.value, where=f'{module_path} get_sweep')
+  seeds = sweep_lib.seeds_spec(spec.get('seeds') if isinstance(spec, dict) else None,
+                               _SEEDS.value, _CI.value, _MIN_SEEDS.value, _MAX_SEEDS.value,
+                               _MAX_RUNS.value, _MAX_HOURS.value)
+  sweep = sweep_lib.parse(spec, seeds, where=f'{module_path} get_sweep')
   workdir = _WORKDIR.value
   tasks = runner.plan(base, sweep.runs(), workdir)    # every config checked before launching
+  if sweep.adaptive:   # the largest rounds too
+    runner.plan(base, sweep.runs_for({a: sweep.adaptive.max for a in sweep.arms}), workdir)
   overrides = {k: v for k, v in config_flags.get_override_values(config_flag).items()}
   manifest = sweep_lib.manifest(module_path, arg or None, overrides, sweep)
   vectorize = base.train.vectorize if _VECTORIZE.value is None else _VECTORIZE.value
@@ -75,11 +89,16 @@ def main(argv):
     for t in tasks:
       print(f'{t["workdir"]}  {json.dumps(t["overrides"])}')
     print(f'{len(tasks)} runs ({len(sweep.arms)} arms x {len(sweep.seeds)} seeds)' +
+          (f', then rounds of more seeds until each 95% CI is within '
+           f'±{sweep.adaptive.ci_halfwidth:g} (at most {sweep.adaptive.max} seeds per arm)'
+           if sweep.adaptive else '') +
           (f', then {sweep.refine["trials"]} refined trials x {len(sweep.seeds)} seeds'
            if sweep.refine else ''))
     if vectorize:
       runner.plan_groups(tasks, log=print)
     return
+  if sweep.adaptive and not _WAIT.value and _EXECUTOR.value != 'local':
+    raise UserError('seeds by precision decide each round from the last: drop --nowait')
   if _PROCESSES.value > 1 and (_EXECUTOR.value != 'local' or _PARALLEL.value > 1):
     raise UserError('--processes=N trains each run (or vectorized group) with N processes '
                     'together: use it with --executor=local and --parallel=1')
@@ -106,7 +125,10 @@ def main(argv):
   run = lambda ts: runner.execute(ts, workdir, _EXECUTOR.value, _PARALLEL.value, submitit_args,
                                   _WAIT.value, kill_at=kill_at, vectorize=vectorize)
   try:
-    run(tasks)
+    if sweep.adaptive:
+      runner.execute_adaptive(base, sweep, workdir, run, primary)
+    else:
+      run(tasks)
     if sweep.refine and (_WAIT.value or _EXECUTOR.value == 'local'):
       space, arms = sweep_lib.refine_arms(sweep, runner.stage_scores(tasks))
       print(f'refining around the top {sweep.refine["top_k"]} trials: '

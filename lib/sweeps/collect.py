@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from lib.core.errors import UserError
 from lib.runs import lock as lock_lib
 from lib.runs.rundir import RunDir
+from lib.sweeps import adaptive
 from lib.sweeps.plan import read_manifest
 from lib.sweeps.stats import NAN, _finite
 
@@ -28,9 +29,10 @@ def _runs(workdir: str) -> Tuple[Optional[Dict[str, Any]], List[Dict[str, Any]]]
     stages = [(1, manifest['arms'])]
     if manifest.get('stage2'):
       stages.append((2, manifest['stage2']['arms']))
+    counts = adaptive.planned_seeds(workdir, manifest)   # seeds by precision: per arm
     for stage, arms in stages:
       for arm, overrides in arms.items():
-        for seed in manifest['seeds']:
+        for seed in (range(counts[arm]) if counts else manifest['seeds']):
           out.append({'arm': arm, 'seed': seed, 'stage': stage, 'overrides': overrides,
                       'workdir': os.path.join(workdir, arm, f'seed_{seed}')})
     return manifest, out

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from lib.core.errors import UserError
 from lib.runs.rundir import RunDir
+from lib.sweeps import adaptive
 from lib.sweeps import ensembles as ensembles_lib
 from lib.sweeps.collect import COLUMNS, _csv, _runs, _write_csv, read_csv, results  # noqa: F401
 from lib.sweeps.plots import _plots, _train_curve  # noqa: F401
@@ -113,21 +114,31 @@ def write(workdir: str, metric: Optional[str] = None, ensembles: bool = True) ->
     raise UserError(f'--metric={metric}; valid: best_val_accuracy, final_val_accuracy, '
                     'test_accuracy')
   baseline = (manifest or {}).get('baseline')
-  summary = summarize(rows, metric, baseline)
+  target = (manifest or {}).get('adaptive')
+  first = len(manifest['seeds']) if target else None
+  summary = summarize(rows, metric, baseline, first)
   keys = (manifest or {}).get('searched_keys', [])
   _write_csv(os.path.join(workdir, 'results.csv'), rows, keys)
   plots = _plots(workdir, rows, summary, metric, manifest)
+  seed_lines = []
+  if target:
+    state = adaptive.read_state(workdir)
+    seed_lines = adaptive_table(summary, baseline, target, first, state)
+    plots.append(adaptive_plot(workdir, rows, metric, baseline, target, first))
   lines = table(summary, metric, baseline)
   ens = _ensembles(workdir, rows) if ensembles else []
   md = [f'# Ablation report: {workdir}', '']
   if manifest:
     cmd = f'{manifest["module"]}{":" + manifest["arg"] if manifest.get("arg") else ""}'
-    md += [f'Sweep `{cmd}` ({manifest["kind"]}), seeds {manifest["seeds"]}' +
+    seeds = (f'seeds by precision (round 1: seeds {manifest["seeds"]})' if target
+             else f'seeds {manifest["seeds"]}')
+    md += [f'Sweep `{cmd}` ({manifest["kind"]}), {seeds}' +
            (f', command-line overrides `{manifest["overrides"]}`' if manifest['overrides'] else '')
            + '.', '']
   done = sum(r['status'] == 'done' for r in rows)
   md += [f'Budget: {_budget(rows)}. Runs: {done} of {len(rows)} done.', '']
   md += explanation(metric, baseline, summary) + lines + ['']
+  md += seed_lines
   md += ensembles_lib.markdown(ens)
   bad = [r for r in rows if r['status'] not in ('done',)]
   if bad:
@@ -141,7 +152,68 @@ def write(workdir: str, metric: Optional[str] = None, ensembles: bool = True) ->
   with open(os.path.join(workdir, 'report.md'), 'w') as f:
     f.write('\n'.join(md) + '\n')
   return {'metric': metric, 'summary': summary, 'lines': lines, 'plots': plots, 'rows': rows,
-          'warning': test_split_warning(metric), 'ensembles': ens}
+          'warning': test_split_warning(metric), 'ensembles': ens, 'seed_lines': seed_lines}
+
+
+def adaptive_table(summary, baseline, target, first, state) -> List[str]:
+  """The seeds section of an adaptive sweep's report: per arm, how many seeds it took,
+  its interval's half-width and why it stopped (from W/adaptive.json's last round)."""
+  last = (state or {}).get('rounds', [{}])[-1].get('arms', {}) if state else {}
+  finished = bool(state and state.get('done'))
+  what = 'Δ' if baseline else 'the mean'
+  out = [f'Seeds by precision: target ±{target["ci_halfwidth"]:g} for the 95% CI of {what}, '
+         f'{target["min"]} to {target["max"]} seeds per arm' +
+         (f', at most {target["max_runs"]} runs' if target.get('max_runs') else '') +
+         (f', at most {target["max_hours"]:g} training hours' if target.get('max_hours') else '')
+         + f'; {len((state or {}).get("rounds", []))} round(s)' +
+         ('' if finished else ' so far (not finished: rerun the command to go on)') + '. '
+         f'The CIs of {what} (and the p-values) are Stein\'s two-stage intervals: the spread '
+         f'of the first {first} seeds, t with their degrees of freedom, over the square root '
+         'of the seeds run. The rule chose the seeds from that spread only, so the interval covers the '
+         'true value 95% of the time however many seeds it chose (lib/sweeps/adaptive.py).',
+         '', '| arm | seeds | 95% CI half-width | stopped |', '| --- | ---: | ---: | --- |']
+  for e in summary:
+    if e['arm'] == baseline:
+      out.append(f'| **{e["arm"]}** | {e["runs"]} | | baseline (every seed an arm runs) |')
+      continue
+    half = e.get('diff_ci') if baseline else e.get('ci')
+    why = (last.get(e['arm']) or {}).get('stopped') or ('running' if not finished else '')
+    out.append(f'| {e["arm"]} | {e["runs"]} | {_f(half)} | {why} |')
+  return out + ['']
+
+
+def adaptive_plot(workdir, rows, metric, baseline, target, first) -> str:
+  """W/seeds.png: each arm's 95% CI half-width against the seeds it had, Stein's
+  (what the rule used) and the plain t interval's over those seeds, and the target."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  values = {}
+  for r in rows:
+    values.setdefault(r['arm'], {})[r['seed']] = (
+        r[metric] if r['status'] == 'done' and _finite(r[metric]) else None)
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for i, arm in enumerate(a for a in values if a != baseline):
+    ks, stein, plain = [], [], []
+    for k in range(first, len(values[arm]) + 1):
+      iv = adaptive.interval(values, baseline, arm, first, k)
+      if iv:
+        ks.append(k)
+        stein.append(iv['halfwidth'])
+        plain.append(mean_ci(adaptive.measured(values, baseline, arm, k))[2])
+    if ks:
+      ax.plot(ks, stein, '-o', color=f'C{i % 10}', ms=3, label=arm)
+      ax.plot(ks, plain, ':', color=f'C{i % 10}')
+  ax.axhline(target['ci_halfwidth'], color='k', ls='--', lw=1, label='target')
+  ax.set_xlabel('seeds')
+  ax.set_ylabel(f'95% CI half-width of {"Δ" if baseline else "the mean"}')
+  ax.set_title('solid: Stein (round-1 spread, what the rule used); dotted: plain t', fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, 'seeds.png'), dpi=100)
+  plt.close(fig)
+  return 'seeds.png'
 
 
 def _ensembles(workdir: str, rows) -> List[Dict[str, Any]]:
@@ -202,6 +274,8 @@ def write_and_print(workdir: str, metric: Optional[str] = None, log=print,
   if out['warning']:
     log(out['warning'].replace('**', ''))
   for line in out['lines']:
+    log(line)
+  for line in out['seed_lines']:
     log(line)
   if out['ensembles']:
     log('\nEnsembles of each arm\'s seeds:')

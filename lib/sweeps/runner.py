@@ -4,6 +4,9 @@ the same `train.train_and_evaluate` as `launch.train`; with `vectorize`, runs th
 a program go through `run_group` together (`plan_groups`, lib/runs/group_train.py), and a
 job is then a list of tasks.
 
+Seeds by precision (lib/sweeps/adaptive.py) run as rounds of such executions
+(`execute_adaptive`), each deciding the next from the run directories.
+
 A sweep directory W holds W/sweep.json (what was launched) and one ordinary run
 directory per arm and seed, W/<arm>/seed_<k>. Rerunning skips finished and diverged
 runs, resumes interrupted ones from their checkpoints and retries failed ones.
@@ -12,11 +15,13 @@ The pieces: lib/sweeps/plan.py (the tasks, what a rerun skips), task.py (one job
 process, with its test evaluation), executors.py (local, worker processes) and slurm.py
 (submitit). `execute` ties them together; the names below are kept importable from here.
 """
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from lib.core import sharding
 from lib.runs import lock as lock_lib
 from lib.runs.metrics import echo
+from lib.runs.rundir import RunDir
+from lib.sweeps import adaptive
 from lib.sweeps.executors import (_device_groups, _run_workers, _worker_died,  # noqa: F401
                                   _worker_init, _worker_main, run_local)
 from lib.sweeps.plan import (SKIP, SWEEP_FILE, _needs_test, pending, plan,  # noqa: F401
@@ -63,3 +68,32 @@ def execute(tasks: Sequence[Dict[str, Any]], workdir: str, executor: str, parall
     return run_local(jobs, parallel, log)
   cluster = 'slurm' if executor == 'slurm' else 'local'
   return run_submitit(jobs, workdir, cluster, submitit_args or {}, wait, log)
+
+
+def execute_adaptive(base, sweep, workdir: str, run: Callable[[List[Dict[str, Any]]], Any],
+                     primary: bool = True, log=echo) -> Dict[str, Any]:
+  """An adaptive sweep's rounds on the run directories of W: `run(tasks)` executes a
+  round's tasks (finished ones are skipped, as on any rerun); process 0 (`primary`)
+  writes W/adaptive.json after each round; every process takes process 0's decision."""
+  arms = list(sweep.arms)
+  tasks = lambda counts: plan(base, sweep.runs_for(counts), workdir)
+
+  def read(counts):
+    values, hours = {}, 0.0
+    for t in tasks(counts):
+      rd = RunDir(t['workdir'])
+      status = rd.read_status()
+      ok = status.get('status') == 'done' and adaptive._ok(status.get('best_val_accuracy'))
+      values.setdefault(t['arm'], {})[t['seed']] = status['best_val_accuracy'] if ok else None
+      metrics = rd.read_metrics()
+      hours += (metrics[-1].get('wall_time') or 0.0) / 3600 if metrics else 0.0
+    return values, sum(counts.values()), hours
+
+  def agree(want):
+    return dict(zip(arms, (int(n) for n in sharding.agree([want[a] for a in arms]))))
+
+  def record(state):
+    if primary:
+      adaptive.write_state(workdir, state)
+  return adaptive.run_rounds(sweep.adaptive, arms, sweep.baseline, lambda c: run(tasks(c)),
+                             read, record, log, agree)

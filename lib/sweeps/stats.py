@@ -8,6 +8,9 @@ difference uses the seeds both arms finished, and its two-sided p-value comes fr
 t distribution with n-1 degrees of freedom. With one seed there is no CI (n/a). With
 paired differences that are all equal (no spread) the t-test is undefined: no p, and that
 arm is left out of Holm's step-down correction over the arms compared with the baseline.
+A sweep that chose its seeds by precision (`first_round`, lib/sweeps/adaptive.py) reports
+Stein's interval instead (the spread of round 1's seeds, t with its degrees of freedom):
+the interval the seeds were chosen for, and one whose 95% holds however many were run.
 """
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -68,9 +71,16 @@ def _finite(x) -> bool:
   return isinstance(x, (int, float)) and x is not None and math.isfinite(x)
 
 
-def summarize(rows: Sequence[Dict[str, Any]], metric: str,
-              baseline: Optional[str]) -> List[Dict[str, Any]]:
-  """Per arm (finished runs only), ranked by mean `metric`, best first."""
+def summarize(rows: Sequence[Dict[str, Any]], metric: str, baseline: Optional[str],
+              first_round: Optional[int] = None) -> List[Dict[str, Any]]:
+  """Per arm (finished runs only), ranked by mean `metric`, best first. With
+  `first_round` (seeds by precision), the intervals the seeds were chosen for (of Δ, or of
+  the mean without a baseline) are Stein's, from the first `first_round` seeds' spread."""
+  from lib.sweeps import adaptive
+  per_seed = {}
+  for r in rows:
+    per_seed.setdefault(r['arm'], {})[r['seed']] = (
+        r[metric] if r['status'] == 'done' and _finite(r[metric]) else None)
   by_arm: Dict[str, Dict[int, Dict[str, Any]]] = {}
   counts: Dict[str, Dict[str, int]] = {}
   for r in rows:
@@ -94,10 +104,16 @@ def summarize(rows: Sequence[Dict[str, Any]], metric: str,
              'test_mean': test_mean, 'test_std': test_std,
              'gap_mean': mean_ci([seeds[s]['train_val_gap'] for s in seeds
                                   if _finite(seeds[s].get('train_val_gap'))])[0]}
+    stein = first_round and adaptive.interval(per_seed, baseline if arm != baseline else None,
+                                              arm, first_round, len(per_seed[arm]))
     if baseline and arm != baseline:
       common = sorted(set(seeds) & set(base))
       d, dh, p, n = paired([seeds[s][metric] for s in common], [base[s][metric] for s in common])
+      if stein:
+        d, dh, p, n = stein['mean'], stein['halfwidth'], stein['p'], stein['pairs']
       entry.update(diff=d, diff_ci=dh, p=p, pairs=n, p_undefined=n >= 2 and not _finite(p))
+    elif stein and not baseline:
+      entry['ci'] = stein['halfwidth']
     out.append(entry)
   compared = [e for e in out if 'p' in e]
   for e, adjusted in zip(compared, holm([e['p'] for e in compared])):

@@ -12,6 +12,10 @@
    'refine': {'top_k': 4, 'trials': 8, 'margin': 0.25}}     random search (AlgoPerf-style
                                                            space), optionally coarse-to-fine
 
+`seeds` is a count (seeds 0..N-1 of every arm), a list of seeds, or a precision target,
+{'min': 5, 'max': 20, 'ci_halfwidth': 0.005}: seeds are added in rounds until each arm's
+95% interval is that narrow (lib/sweeps/adaptive.py).
+
 Overrides are flat dotted config keys. Every run of a sweep is `W/<arm>/seed_<k>`:
 the experiment's config, then the command line's `--config.` overrides, then the
 arm's overrides, then `seed = k`. Expansion is a pure function of the dict (and,
@@ -30,6 +34,7 @@ import numpy as np
 
 from lib.core import config as config_lib
 from lib.core.errors import UserError
+from lib.sweeps import adaptive as adaptive_lib
 from lib.training import resolve as resolve_lib
 
 _ARM_NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.+=,-]*$')
@@ -64,6 +69,12 @@ class Sweep:
   trials: int = 0
   search_seed: int = 0
   refine: Optional[Dict[str, Any]] = None
+  adaptive: Optional[adaptive_lib.Target] = None   # seeds by precision (then seeds = round 1's)
+
+  def runs_for(self, counts: Dict[str, int]) -> List[Run]:
+    """Seeds 0..counts[arm]-1 of every arm (an adaptive sweep's round)."""
+    return [Run(arm, seed, tuple(overrides.items()))
+            for arm, overrides in self.arms.items() for seed in range(counts[arm])]
 
   def runs(self, arms: Optional[Dict[str, Dict[str, Any]]] = None, stage: int = 1) -> List[Run]:
     arms = self.arms if arms is None else arms
@@ -93,7 +104,12 @@ def parse(spec: Any, seeds: Optional[int] = None, where: str = 'get_sweep') -> S
     raise UserError(f'{where} must give exactly one of {", ".join(_KINDS)}; got '
                     f'{", ".join(kinds) or "none"}')
   kind = kinds[0]
-  seed_list = _seeds(spec.get('seeds', 1) if seeds is None else seeds, where)
+  target = None
+  given = spec.get('seeds', 1) if seeds is None else seeds
+  if adaptive_lib.is_adaptive(given):
+    target = adaptive_lib.parse(given, where)
+    given = target.min
+  seed_list = _seeds(given, where)
   space, refine = None, None
   trials, search_seed = int(spec.get('trials', 0)), int(spec.get('search_seed', 0))
   if kind == 'arms':
@@ -134,7 +150,35 @@ def parse(spec: Any, seeds: Optional[int] = None, where: str = 'get_sweep') -> S
     raise UserError(f'{where}: baseline {baseline!r} is not an arm; arms: {", ".join(arms)}')
   if 'refine' in spec and kind != 'search_space':
     raise UserError(f'{where}: refine applies to a search_space only')
-  return Sweep(kind, arms, seed_list, baseline, space, trials, search_seed, refine)
+  if target and refine:
+    raise UserError(f'{where}: seeds by precision (ci_halfwidth) and refine do not combine; '
+                    'give the search a seed count, or drop refine')
+  if target:
+    adaptive_lib.check_budget(target, len(arms))
+  return Sweep(kind, arms, seed_list, baseline, space, trials, search_seed, refine, target)
+
+
+def seeds_spec(module_seeds: Any, count: Optional[int], ci_halfwidth: Optional[float],
+               least: Optional[int], most: Optional[int], max_runs: Optional[int],
+               max_hours: Optional[float]) -> Any:
+  """The seeds a launch asks for: --seeds=N (a count), else a precision target from
+  --ci_halfwidth and its companions over the module's, else the module's own."""
+  extra = {'min': least, 'max': most, 'max_runs': max_runs, 'max_hours': max_hours}
+  extra = {k: v for k, v in extra.items() if v is not None}
+  if count is not None:
+    if ci_halfwidth is not None or extra:
+      raise UserError('--seeds=N fixes the seed count; --ci_halfwidth, --min_seeds, '
+                      '--max_seeds, --max_runs and --max_hours ask for seeds by precision: '
+                      'give one or the other')
+    return count
+  if ci_halfwidth is None and not extra:
+    return None   # the module's
+  if ci_halfwidth is None and not adaptive_lib.is_adaptive(module_seeds):
+    raise UserError('--min_seeds, --max_seeds, --max_runs and --max_hours go with a '
+                    'precision target: add --ci_halfwidth=H (e.g. 0.01)')
+  base = dict(module_seeds) if adaptive_lib.is_adaptive(module_seeds) else {}
+  return {**base, **({'ci_halfwidth': ci_halfwidth} if ci_halfwidth is not None else {}),
+          **extra}
 
 
 def _seeds(seeds, where) -> Tuple[int, ...]:
@@ -295,11 +339,12 @@ def load_spec(module_path: str, arg: Optional[str]) -> Any:
 def manifest(module_path: str, arg: Optional[str], overrides: Dict[str, Any],
              sweep: Sweep) -> Dict[str, Any]:
   """What W/sweep.json records: enough for the report to name the arms and baseline."""
+  extra = {'adaptive': sweep.adaptive.to_dict()} if sweep.adaptive else {}
   return config_lib_json({
       'module': module_path, 'arg': arg, 'overrides': overrides, 'kind': sweep.kind,
       'baseline': sweep.baseline, 'seeds': list(sweep.seeds), 'arms': sweep.arms,
       'searched_keys': sweep.searched_keys, 'space': sweep.space, 'trials': sweep.trials,
-      'search_seed': sweep.search_seed, 'refine': sweep.refine})
+      'search_seed': sweep.search_seed, 'refine': sweep.refine, **extra})
 
 
 def config_lib_json(obj: Any) -> Any:
