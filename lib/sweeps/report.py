@@ -205,6 +205,7 @@ def adaptive_plot(workdir, rows, metric, baseline, target, first) -> str:
       ax.plot(ks, stein, '-o', color=f'C{i % 10}', ms=3, label=arm)
       ax.plot(ks, plain, ':', color=f'C{i % 10}')
   ax.axhline(target['ci_halfwidth'], color='k', ls='--', lw=1, label='target')
+  ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
   ax.set_xlabel('seeds')
   ax.set_ylabel(f'95% CI half-width of {"Δ" if baseline else "the mean"}')
   ax.set_title('solid: Stein (round-1 spread, what the rule used); dotted: plain t', fontsize=9)
@@ -275,6 +276,8 @@ def write_and_print(workdir: str, metric: Optional[str] = None, log=print,
     log(out['warning'].replace('**', ''))
   for line in out['lines']:
     log(line)
+  if out['seed_lines']:
+    log('')
   for line in out['seed_lines']:
     log(line)
   if out['ensembles']:
