@@ -216,6 +216,8 @@ def _within_budget(target, compared, baseline, counts, want, info, spent_runs, s
   nearest_first = sorted(compared, key=lambda a: (info[a]['width'] / target.ci_halfwidth, a))
   while cost(want) > max(left, 0):
     grown = [a for a in nearest_first if want[a] > counts[a]]
+    if not grown:
+      break
     top = max(want[a] for a in grown)
     want[next(a for a in grown if want[a] == top)] -= 1   # the nearest of the largest
   for a in compared:
