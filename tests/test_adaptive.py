@@ -15,7 +15,7 @@ import pytest
 from conftest import quickstart_mlp
 from lib.core.errors import UserError
 from lib.runs.rundir import RunDir
-from lib.sweeps import adaptive, report, runner, stats
+from lib.sweeps import adaptive, collect, report, runner, stats
 from lib.sweeps import sweep as sweep_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,6 +126,15 @@ def test_each_arm_gets_the_seeds_its_round1_spread_asks_for():
   broken = values_of(base[:4], {'a': [None, None, None, 0.4]})
   want, info = adaptive.decide(t, ['base', 'a'], 'base', {'base': 4, 'a': 4}, broken)
   assert want == {'base': 4, 'a': 4} and info['a']['stopped'] == adaptive.NO_RUNS
+
+
+def test_without_a_baseline_each_arm_needs_its_own_mean_precise():
+  t = adaptive.Target(3, 10, 0.01)
+  values = {'lr=0.1': {0: 0.50, 1: 0.52, 2: 0.51}, 'lr=0.3': {0: 0.60, 1: 0.60, 2: 0.60}}
+  want, info = adaptive.decide(t, list(values), None, {'lr=0.1': 3, 'lr=0.3': 3}, values)
+  # sd 0.01 of 3 values: (t(2) 0.01 / 0.01)^2 = 18.5 seeds, capped at 10; the other is exact
+  assert want == {'lr=0.1': 10, 'lr=0.3': 3}
+  assert info['lr=0.3']['stopped'] == adaptive.MET and set(info) == set(values)
 
 
 def test_decisions_depend_on_the_widths_only_never_on_sign_or_size():
@@ -265,6 +274,12 @@ def test_a_killed_adaptive_sweep_resumes_to_the_same_table(uninterrupted, tmp_pa
     adaptive_sweep(cut, kill_round=2)
   assert adaptive.read_state(cut)['next'] == {'base': 4, 'same': 2, 'lr': 4}
   assert RunDir(os.path.join(cut, 'base', 'seed_2')).read_status()['status'] == 'running'
+  # The results list round 2's seeds already: the interrupted one and those still to run.
+  _, rows = collect.results(cut)
+  assert [(r['workdir'], r['status']) for r in rows if r['arm'] != 'same'] == [
+      ('base/seed_0', 'done'), ('base/seed_1', 'done'), ('base/seed_2', 'interrupted'),
+      ('base/seed_3', 'pending'), ('lr/seed_0', 'done'), ('lr/seed_1', 'done'),
+      ('lr/seed_2', 'pending'), ('lr/seed_3', 'pending')]
   lines = []
   again = adaptive_sweep(cut, log=lines.append)
   assert lines[0] == '6 of 6 runs already finished (or diverged): skipped'   # round 1: replayed
