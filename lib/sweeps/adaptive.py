@@ -35,22 +35,25 @@ The rule is honest: every decision depends on the spread of the first round only
 a difference's sign, its size or its p-value. Stopping on significance ("add seeds until
 p < 0.05") makes reported intervals miss the true difference far more often than 5%.
 
-Budget: `max_runs` caps the sweep's runs (all arms and seeds); `max_hours` its training
-time, summed from the runs' recorded wall times (so a resumed sweep sees what the first
-one spent). When a round wants more than is left, the arms furthest from the target (widest
-relative to it, then by name) keep their seeds and the others are trimmed; an arm stopped
-by the budget reports its interval as it is (wider than the target, still 95%).
+Budget: `max_runs` caps the sweep's runs (all arms and seeds); `max_hours` the hours its
+rounds have taken by the sweep's clock (recorded per round, so a resumed sweep counts what
+the first launch spent; the time a kill lost is not counted), a round sized by the hours per
+run so far. When a round wants more than is left, the largest requests are trimmed first, a
+seed at a time, so the arms' counts end level; an arm stopped by the budget reports its
+interval as it is (wider than the target, still 95%).
 
-Decisions are a pure function of the runs' results: rerunning the command after a kill
-replays the finished rounds from the run directories (nothing retrains) and continues the
-round it stopped in, to the same seeds and the same table. The rounds are recorded in
-W/adaptive.json (derived: rewritten each round).
+Decisions are a pure function of the runs' results, and each round's is recorded in
+W/adaptive.json: rerunning the command after a kill replays the recorded rounds (nothing
+finished retrains; their decisions stand, even where a failed run is retried and now
+finishes) and continues the round it stopped in, to the same seeds and the same table. A
+relaunch with another target, other arms or another baseline decides anew from the runs.
 """
 import dataclasses
 import functools
 import json
 import math
 import os
+import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from lib.core.errors import UserError
@@ -194,8 +197,9 @@ def decide(target: Target, arms: Sequence[str], baseline: Optional[str],
 
 
 def _within_budget(target, compared, baseline, counts, want, info, spent_runs, spent_hours):
-  """`want` trimmed to what the budget has left, arms furthest from the target kept
-  longest; an arm left without new seeds stops with BUDGET."""
+  """`want` trimmed to what the budget has left: a seed at a time from the largest request
+  (of equal ones, first from the arm nearest its target), so the arms' requests end level;
+  an arm left without new seeds stops with BUDGET. Hours: those per run so far."""
   left = math.inf
   if target.max_runs:
     left = target.max_runs - spent_runs
@@ -230,23 +234,43 @@ def run_rounds(target: Target, arms: Sequence[str], baseline: Optional[str],
                run_round: Callable[[Dict[str, int]], Any],
                read: Callable[[Dict[str, int]], Any],
                on_round: Callable[[Dict[str, Any]], Any] = lambda state: None,
-               log=print, agree=lambda want: want) -> Dict[str, Any]:
+               log=print, agree=lambda want: want,
+               history: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
   """The rounds: `run_round(counts)` trains (or skips, where finished) the first
-  counts[arm] seeds of every arm; `read(counts)` returns (values, runs, hours) of those
-  runs. `on_round(state)` gets the state after each round (W/adaptive.json: the rounds so
-  far and the `next` counts); the last one (done: True) is returned. `agree` makes every
-  process of a job take process 0's counts."""
+  counts[arm] seeds of every arm; `read(counts)` returns (values, runs) of those runs.
+  `on_round(state)` gets the state after each round (W/adaptive.json: the rounds so far,
+  each with the sweep's training hours by then, and the `next` counts); the last one (done:
+  True) is returned. `agree` makes every process of a job take process 0's counts.
+
+  `history`, the state of an earlier launch with the same target, arms and baseline
+  (`matching_state`), is replayed: its rounds' decisions stand, so a rerun reaches the same
+  seeds even where a run that failed then is retried and finishes now. Rounds after the
+  recorded ones are decided anew."""
+  recorded = list(history['rounds']) if history else []
   counts = {a: target.min for a in arms}
   rounds: List[Dict[str, Any]] = []
+  hours = 0.0
   while True:
+    start = time.monotonic()
     run_round(counts)
-    values, runs, hours = read(counts)
-    want, info = decide(target, arms, baseline, counts, values, runs, hours)
-    want = agree(want)
-    rounds.append({'seeds': dict(counts), 'arms': info})
+    elapsed = (time.monotonic() - start) / 3600
+    values, runs = read(counts)
+    i = len(rounds)
+    if i < len(recorded) and recorded[i]['seeds'] == counts:   # decided before: it stands
+      rec = recorded[i]
+      hours = rec.get('hours', hours + elapsed)
+      info = rec['arms']
+      want = (recorded[i + 1]['seeds'] if i + 1 < len(recorded)
+              else dict(counts) if history.get('done') else history['next'])
+    else:
+      hours += elapsed
+      want, info = decide(target, arms, baseline, counts, values, runs, hours)
+      info = _finite_json(info)
+    want = agree(dict(want))
+    rounds.append({'seeds': dict(counts), 'arms': info, 'hours': hours})
     done = want == counts
-    state = {'target': target.to_dict(), 'baseline': baseline, 'rounds': rounds,
-             'next': dict(want), 'runs': runs, 'done': done}
+    state = {'target': target.to_dict(), 'baseline': baseline, 'arms': list(arms),
+             'rounds': rounds, 'next': dict(want), 'runs': runs, 'done': done}
     on_round(state)
     widths = '; '.join(f'{a} ±{_w(info[a]["width"])}' + (f' ({info[a]["stopped"]})'
                                                          if info[a]['stopped'] else '')
@@ -261,12 +285,25 @@ def run_rounds(target: Target, arms: Sequence[str], baseline: Optional[str],
     counts = want
 
 
+def matching_state(workdir: str, manifest: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+  """W/adaptive.json if it belongs to the sweep of `manifest` (the same target, arms and
+  baseline); None otherwise (a relaunch with another target decides anew)."""
+  if not manifest or not manifest.get('adaptive'):
+    return None
+  state = read_state(workdir)
+  if not state or state.get('target') != manifest['adaptive'] or \
+      state.get('baseline') != manifest.get('baseline') or \
+      state.get('arms') != list(manifest['arms']):
+    return None
+  return state
+
+
 def planned_seeds(workdir: str, manifest: Dict[str, Any]) -> Optional[Dict[str, int]]:
   """How many seeds of each arm an adaptive sweep has asked for so far (its last round's,
   from W/adaptive.json; round 1's before the first decision); None for a fixed sweep."""
   if not manifest.get('adaptive'):
     return None
-  state = read_state(workdir) or {}
+  state = matching_state(workdir, manifest) or {}
   first = len(manifest['seeds'])
   counts = {a: first for a in manifest['arms']}
   for a, n in (state.get('next') or {}).items():
@@ -275,8 +312,8 @@ def planned_seeds(workdir: str, manifest: Dict[str, Any]) -> Optional[Dict[str, 
   return counts
 
 
-def _w(x: float) -> str:
-  return f'{x:.4f}' if math.isfinite(x) else 'inf'
+def _w(x: Optional[float]) -> str:
+  return f'{x:.4f}' if x is not None and math.isfinite(x) else 'inf'
 
 
 def _finite_json(x):

@@ -122,7 +122,7 @@ def write(workdir: str, metric: Optional[str] = None, ensembles: bool = True) ->
   plots = _plots(workdir, rows, summary, metric, manifest)
   seed_lines = []
   if target:
-    state = adaptive.read_state(workdir)
+    state = adaptive.matching_state(workdir, manifest)
     seed_lines = adaptive_table(summary, baseline, target, first, state)
     plots.append(adaptive_plot(workdir, rows, metric, baseline, target, first))
   lines = table(summary, metric, baseline)
@@ -137,7 +137,7 @@ def write(workdir: str, metric: Optional[str] = None, ensembles: bool = True) ->
            + '.', '']
   done = sum(r['status'] == 'done' for r in rows)
   md += [f'Budget: {_budget(rows)}. Runs: {done} of {len(rows)} done.', '']
-  md += explanation(metric, baseline, summary) + lines + ['']
+  md += explanation(metric, baseline, summary, first) + lines + ['']
   md += seed_lines
   md += ensembles_lib.markdown(ens)
   bad = [r for r in rows if r['status'] not in ('done',)]
@@ -171,14 +171,16 @@ def adaptive_table(summary, baseline, target, first, state) -> List[str]:
          f'of the first {first} seeds, t with their degrees of freedom, over the square root '
          'of the seeds run. The rule chose the seeds from that spread only, so the interval covers the '
          'true value 95% of the time however many seeds it chose (lib/sweeps/adaptive.py).',
-         '', '| arm | seeds | 95% CI half-width | stopped |', '| --- | ---: | ---: | --- |']
+         '', '| arm | seeds | pairs | 95% CI half-width | stopped |',
+         '| --- | ---: | ---: | ---: | --- |']
   for e in summary:
     if e['arm'] == baseline:
-      out.append(f'| **{e["arm"]}** | {e["runs"]} | | baseline (every seed an arm runs) |')
+      out.append(f'| **{e["arm"]}** | {e["runs"]} | | | baseline (every seed an arm runs) |')
       continue
     half = e.get('diff_ci') if baseline else e.get('ci')
     why = (last.get(e['arm']) or {}).get('stopped') or ('running' if not finished else '')
-    out.append(f'| {e["arm"]} | {e["runs"]} | {_f(half)} | {why} |')
+    pairs = e.get('pairs', e['n']) if baseline else e['n']
+    out.append(f'| {e["arm"]} | {e["runs"]} | {pairs} | {_f(half)} | {why} |')
   return out + ['']
 
 
@@ -241,8 +243,10 @@ def test_split_warning(metric: str) -> str:
           'as a report.')
 
 
-def explanation(metric: str, baseline: Optional[str], summary) -> List[str]:
-  """The paragraphs above the table in report.md: what the ranking and columns mean."""
+def explanation(metric: str, baseline: Optional[str], summary,
+                first_round: Optional[int] = None) -> List[str]:
+  """The paragraphs above the table in report.md: what the ranking and columns mean
+  (`first_round`: a sweep whose seeds were chosen by precision, its Δ intervals Stein's)."""
   name = metric.replace('_', ' ')
   why = {'best_val_accuracy': 'the selection metric, the same one that chose each run\'s '
                               'checkpoint',
@@ -253,7 +257,17 @@ def explanation(metric: str, baseline: Optional[str], summary) -> List[str]:
     text += (' The test accuracy of each run\'s best-val checkpoint is reported beside it '
              '(mean ± std over seeds), not ranked on: ranking by it would be selection on '
              'the test split.')
-  if baseline:
+  if baseline and first_round:
+    m = sum(_finite(e.get('p_holm')) for e in summary)
+    text += (f' Δ is the mean difference in {name} to the baseline over the seeds both ran '
+             '(the baseline\'s own mean is over all its seeds, so Δ need not equal the '
+             'difference of the means). Its 95% CI and p are Stein\'s two-stage interval and '
+             f'test, from the spread of the first {first_round} seeds\' differences (seeds by '
+             'precision, below); `p (Holm)` corrects p for comparing several arms with one '
+             f'baseline ({m} in the family here). Where those first differences are all equal, '
+             'p reads `undefined (no spread)`. The arm\'s own 95% CI column is the plain t '
+             'interval over the seeds it ran, which the rule did not target.')
+  elif baseline:
     m = sum(_finite(e.get('p_holm')) for e in summary)
     text += (f' Δ is the difference in {name} to the baseline, paired by seed, with the '
              'two-sided paired t-test p; `p (Holm)` is that p after Holm\'s step-down '

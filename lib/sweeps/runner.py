@@ -74,20 +74,18 @@ def execute_adaptive(base, sweep, workdir: str, run: Callable[[List[Dict[str, An
                      primary: bool = True, log=echo) -> Dict[str, Any]:
   """An adaptive sweep's rounds on the run directories of W: `run(tasks)` executes a
   round's tasks (finished ones are skipped, as on any rerun); process 0 (`primary`)
-  writes W/adaptive.json after each round; every process takes process 0's decision."""
+  writes W/adaptive.json after each round; every process takes process 0's decision. The
+  rounds recorded there by an earlier launch of the same sweep are replayed as decided."""
   arms = list(sweep.arms)
   tasks = lambda counts: plan(base, sweep.runs_for(counts), workdir)
 
   def read(counts):
-    values, hours = {}, 0.0
+    values = {}
     for t in tasks(counts):
-      rd = RunDir(t['workdir'])
-      status = rd.read_status()
+      status = RunDir(t['workdir']).read_status()
       ok = status.get('status') == 'done' and adaptive._ok(status.get('best_val_accuracy'))
       values.setdefault(t['arm'], {})[t['seed']] = status['best_val_accuracy'] if ok else None
-      metrics = rd.read_metrics()
-      hours += (metrics[-1].get('wall_time') or 0.0) / 3600 if metrics else 0.0
-    return values, sum(counts.values()), hours
+    return values, sum(counts.values())
 
   def agree(want):
     return dict(zip(arms, (int(n) for n in sharding.agree([want[a] for a in arms]))))
@@ -95,5 +93,6 @@ def execute_adaptive(base, sweep, workdir: str, run: Callable[[List[Dict[str, An
   def record(state):
     if primary:
       adaptive.write_state(workdir, state)
+  history = adaptive.matching_state(workdir, read_manifest(workdir))
   return adaptive.run_rounds(sweep.adaptive, arms, sweep.baseline, lambda c: run(tasks(c)),
-                             read, record, log, agree)
+                             read, record, log, agree, history)
