@@ -32,7 +32,7 @@ _CI = flags.DEFINE_float('ci_halfwidth', None, 'Seeds by precision: add seeds in
 _MIN_SEEDS = flags.DEFINE_integer('min_seeds', None, 'With --ci_halfwidth: seeds of round 1 (5).')
 _MAX_SEEDS = flags.DEFINE_integer('max_seeds', None, 'With --ci_halfwidth: most seeds per arm (20).')
 _MAX_RUNS = flags.DEFINE_integer('max_runs', None, 'With --ci_halfwidth: most runs in all.')
-_MAX_HOURS = flags.DEFINE_float('max_hours', None, 'With --ci_halfwidth: most training hours.')
+_MAX_HOURS = flags.DEFINE_float('max_hours', None, 'With --ci_halfwidth: most hours of rounds.')
 _EXECUTOR = flags.DEFINE_enum('executor', 'local', list(runner.EXECUTORS),
                               'local: this machine; slurm: a job array through submitit; '
                               'submitit_local: the slurm path run by submitit\'s local executor.')

@@ -327,11 +327,8 @@ def _finite_json(x):
 
 
 def write_state(workdir: str, state: Dict[str, Any]) -> None:
-  path = os.path.join(workdir, STATE_FILE)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(_finite_json(state), f, indent=2)
-    f.write('\n')
-  os.replace(path + '.tmp', path)
+  from lib.runs.rundir import write_json   # atomic: a kill leaves the old state or the new
+  write_json(os.path.join(workdir, STATE_FILE), _finite_json(state))
 
 
 def read_state(workdir: str) -> Optional[Dict[str, Any]]:
