@@ -5,7 +5,6 @@ the state they run on, evaluation.
 Shared by the training loop, launch.eval and launch.benchmark, so all three
 run exactly the same compiled code.
 """
-import functools
 from typing import Dict, Optional
 
 import jax
@@ -27,7 +26,7 @@ class Engine:
   mean/std default to the dataset's training statistics; evaluation of a
   restored run passes the statistics recorded with its checkpoint (eval_only).
   With model.whiten_init=patch the whitening filters of the first layer are computed
-  from the training images here (`whitening`), once, when an initial state is first
+  from the training images here (`whitening_filters`), once, when an initial state is first
   built; a run restored from a checkpoint (a resume, a repacked program, eval_only)
   has them in its state and never computes them.
   `log` gets the streaming pipeline's warnings (bad records; default stderr).
@@ -84,18 +83,20 @@ class Engine:
     self.eval_batch = self.data.eval_batch
 
   # ----- state -----
-  @functools.cached_property
-  def whitening(self) -> Optional[np.ndarray]:
-    """The first layer's whitening filters (model.whiten_init=patch), or None."""
+  def whitening_filters(self) -> Optional[np.ndarray]:
+    """The first layer's whitening filters (model.whiten_init=patch), or None; computed
+    on first use and kept by this engine (not on resume or repack, which build no state)."""
     if self.eval_only:
       return None
-    return whitening_kernel(self.config, self.dataset, self.mean, self.std)
+    if not hasattr(self, '_whitening'):
+      self._whitening = whitening_kernel(self.config, self.dataset, self.mean, self.std)
+    return self._whitening
 
   def _init(self, hparams, reference=None):
     return state_lib.init_state(self.model, self.tx_build, hparams, self.config.seed,
                                 self.dataset.image_shape, ema=state_lib.has_ema(self.config),
                                 tie=state_lib.has_anchor(self.config), reference=reference,
-                                whitening=self.whitening)
+                                whitening=self.whitening_filters())
 
   def init_state(self, reference=None) -> state_lib.TrainState:
     """The state at step 0; `reference`: the params regularize.tie_l2 ties the weights

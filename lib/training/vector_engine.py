@@ -153,7 +153,7 @@ class VectorEngine:
         return state_lib.init_state(model, self.base.tx_build, hp, seed, self.dataset.image_shape,
                                     ema=state_lib.has_ema(self.program),
                                     tie=state_lib.has_anchor(self.program), reference=reference,
-                                    whitening=self.base.whitening)
+                                    whitening=self.base.whitening_filters())
       self._init_fns[options] = jax.jit(init, out_shardings=self.rep)
     return self._init_fns[options]
 
