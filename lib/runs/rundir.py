@@ -13,7 +13,7 @@ import datetime
 import json
 import os
 import shutil
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from lib.core import config as config_lib
 from lib.core.errors import UserError
@@ -135,6 +135,14 @@ class RunDir:
 def timestamp() -> str:
   """A name for an archived item: the local time to the microsecond."""
   return datetime.datetime.now().strftime('%Y%m%d-%H%M%S-%f')
+
+
+def read_json(path: str) -> Optional[Dict[str, Any]]:
+  """The JSON object in `path`; None if there is no such file."""
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
 
 
 def write_json(path: str, obj: Dict[str, Any]) -> None:

@@ -50,13 +50,13 @@ relaunch with another target, other arms or another baseline decides anew from t
 """
 import dataclasses
 import functools
-import json
 import math
 import os
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from lib.core.errors import UserError
+from lib.runs.rundir import read_json, write_json
 
 STATE_FILE = 'adaptive.json'
 KEYS = ('min', 'max', 'ci_halfwidth', 'max_runs', 'max_hours')
@@ -327,13 +327,13 @@ def _finite_json(x):
 
 
 def write_state(workdir: str, state: Dict[str, Any]) -> None:
-  from lib.runs.rundir import write_json   # atomic: a kill leaves the old state or the new
-  write_json(os.path.join(workdir, STATE_FILE), _finite_json(state))
+  write_json(os.path.join(workdir, STATE_FILE), _finite_json(state))   # atomic
 
 
 def read_state(workdir: str) -> Optional[Dict[str, Any]]:
-  path = os.path.join(workdir, STATE_FILE)
-  if not os.path.exists(path):
+  """W/adaptive.json; None if absent or unreadable (it is derived: the rounds are then
+  decided anew from the runs)."""
+  try:
+    return read_json(os.path.join(workdir, STATE_FILE))
+  except ValueError:
     return None
-  with open(path) as f:
-    return json.load(f)

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from lib.core import config as config_lib
 from lib.core.errors import UserError
 from lib.runs.metrics import echo
-from lib.runs.rundir import RunDir
+from lib.runs.rundir import RunDir, read_json
 from lib.sweeps import sweep as sweep_lib
 
 SWEEP_FILE = 'sweep.json'
@@ -65,11 +65,7 @@ def write_manifest(workdir: str, manifest: Dict[str, Any]) -> None:
 
 
 def read_manifest(workdir: str) -> Optional[Dict[str, Any]]:
-  path = os.path.join(workdir, SWEEP_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return read_json(os.path.join(workdir, SWEEP_FILE))
 
 
 def _needs_test(status: Dict[str, Any]) -> bool:
