@@ -26,8 +26,8 @@ from lib.sweeps import adaptive
 from lib.sweeps import ensembles as ensembles_lib
 from lib.sweeps.collect import COLUMNS, _csv, _runs, _write_csv, read_csv, results  # noqa: F401
 from lib.sweeps.plots import _plots, _train_curve  # noqa: F401
-from lib.sweeps.stats import (NAN, _finite, holm, mean_ci, paired, summarize,  # noqa: F401
-                              t_quantile)
+from lib.sweeps.stats import (NAN, _finite, holm, mean_ci, paired, per_seed_values,  # noqa: F401
+                              summarize, t_quantile)
 
 def choose_metric(manifest, rows) -> str:
   """Every kind of sweep ranks by the selection metric, best val accuracy: the test
@@ -190,10 +190,7 @@ def adaptive_plot(workdir, rows, metric, baseline, target, first) -> str:
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  values = {}
-  for r in rows:
-    values.setdefault(r['arm'], {})[r['seed']] = (
-        r[metric] if r['status'] == 'done' and _finite(r[metric]) else None)
+  values = per_seed_values(rows, metric)
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for i, arm in enumerate(a for a in values if a != baseline):
     ks, stein, plain = [], [], []

@@ -71,16 +71,23 @@ def _finite(x) -> bool:
   return isinstance(x, (int, float)) and x is not None and math.isfinite(x)
 
 
+def per_seed_values(rows: Sequence[Dict[str, Any]], metric: str) -> Dict[str, Dict[int, Any]]:
+  """{arm: {seed: metric, or None where the run did not finish}}: what the adaptive
+  intervals (lib/sweeps/adaptive.py) are computed from."""
+  out: Dict[str, Dict[int, Any]] = {}
+  for r in rows:
+    out.setdefault(r['arm'], {})[r['seed']] = (
+        r[metric] if r['status'] == 'done' and _finite(r[metric]) else None)
+  return out
+
+
 def summarize(rows: Sequence[Dict[str, Any]], metric: str, baseline: Optional[str],
               first_round: Optional[int] = None) -> List[Dict[str, Any]]:
   """Per arm (finished runs only), ranked by mean `metric`, best first. With
   `first_round` (seeds by precision), the intervals the seeds were chosen for (of Δ, or of
   the mean without a baseline) are Stein's, from the first `first_round` seeds' spread."""
   from lib.sweeps import adaptive
-  per_seed = {}
-  for r in rows:
-    per_seed.setdefault(r['arm'], {})[r['seed']] = (
-        r[metric] if r['status'] == 'done' and _finite(r[metric]) else None)
+  per_seed = per_seed_values(rows, metric) if first_round else {}
   by_arm: Dict[str, Dict[int, Dict[str, Any]]] = {}
   counts: Dict[str, Dict[str, int]] = {}
   for r in rows:
